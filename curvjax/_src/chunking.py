@@ -1,0 +1,60 @@
+"""Bounded-memory evaluation over the example axis.
+
+Quantities such as ``Σ_n g_n²`` for weight-shared layers need each example's gradient ``g_n``
+(``D`` numbers). Evaluating all ``N`` at once costs ``N × D`` memory; these helpers evaluate a
+chunk of examples at a time so that a chunk holds about :data:`BUDGET` numbers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BUDGET = 1 << 22  # elements held at once per chunk (16 MiB in float32)
+
+
+def chunk_size(num_examples: int, per_example_size: int) -> int:
+    """Examples per chunk so that ``chunk × per_example_size ≲ BUDGET``."""
+    return max(1, min(num_examples, BUDGET // max(1, per_example_size)))
+
+
+def _split(xs, chunk: int):
+    n = jax.tree.leaves(xs)[0].shape[0]
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+
+    def split(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+        return x.reshape(num_chunks, chunk, *x.shape[1:])
+
+    return jax.tree.map(split, xs), num_chunks, pad
+
+
+def chunked_sum(fn, xs, chunk: int):
+    """``fn(xs)`` for a function that sums over the leading axis, evaluated ``chunk`` rows at a time.
+
+    ``fn`` must map zero rows to zero (padding rows are zeros).
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if chunk >= n:
+        return fn(xs)
+    chunks, _, _ = _split(xs, chunk)
+    first = jax.tree.map(lambda x: x[0], chunks)
+    rest = jax.tree.map(lambda x: x[1:], chunks)
+
+    def body(total, x):
+        return jax.tree.map(jnp.add, total, fn(x)), None
+
+    total, _ = jax.lax.scan(body, fn(first), rest)
+    return total
+
+
+def chunked_map(fn, xs, chunk: int):
+    """``fn(xs)`` for a function that maps rows to rows, evaluated ``chunk`` rows at a time."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if chunk >= n:
+        return fn(xs)
+    chunks, _, _ = _split(xs, chunk)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)

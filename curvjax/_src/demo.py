@@ -1,0 +1,398 @@
+"""``python -m curvjax demo``: train a small CNN on digits, then time every curvjax quantity.
+
+The demo loads scikit-learn's bundled 8x8 digits (no download), trains a small flax linen CNN
+with optax Adam, prints train and test accuracy, and then prints one table row per quantity that
+curvjax can compute: a one-line summary of its value and its wall time as a ratio to a plain
+jitted ``jax.grad`` of the same loss, measured in the same run.
+
+The rows come from one registry, :data:`QUANTITIES`. To add a row (``ggn_diag``, ``kfac``,
+Hessian spectra, ...) append one :class:`Quantity` to it. A row whose ``attr`` is not (yet) an
+attribute of :mod:`curvjax` is skipped, so the demo runs against any version of the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import curvjax
+
+# A quantity's compute function receives ``(apply_fn, params, batch)``; it is jitted by the demo.
+ComputeFn = Callable[[Callable, Any, tuple], Any]
+# A summary function receives the computed value (a pytree of arrays) and returns one line.
+SummaryFn = Callable[[Any], str]
+
+# Quantities that ``curvjax.extract`` computes from first-order information only.
+FIRST_ORDER = ("per_example_grads", "batch_l2", "sum_grad_squared", "variance")
+
+
+# --------------------------------------------------------------------------------------------
+# Data and model
+# --------------------------------------------------------------------------------------------
+
+
+def load_digits_split(
+    seed: int, test_fraction: float = 0.25
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Loads scikit-learn's digits as float32 images in [0, 1] and splits them.
+
+    Args:
+      seed: seed of the random permutation that assigns examples to the two splits.
+      test_fraction: fraction of the 1,797 examples held out for testing.
+
+    Returns:
+      ``((x_train, y_train), (x_test, y_test))`` with images ``[N, 8, 8, 1]`` float32 and
+      integer labels ``[N]`` in ``0..9``.
+    """
+    from sklearn.datasets import load_digits  # imported lazily: an optional dependency
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]  # pixel values are 0..16
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = int(round(test_fraction * len(labels)))
+    test, train = order[:n_test], order[n_test:]
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+class SmallCNN(nn.Module):
+    """Conv(8, 3x3) - relu - Conv(16, 3x3, stride 2) - relu - Dense(32) - relu - Dense(10)."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(8, kernel_size=(3, 3))(x))
+        x = nn.relu(nn.Conv(16, kernel_size=(3, 3), strides=(2, 2))(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def make_apply_fn(model: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """Returns ``apply_fn(params, inputs) -> logits [N, C]`` for a flax linen ``model``."""
+
+    def apply_fn(params, inputs):
+        return model.apply({"params": params}, inputs)
+
+    return apply_fn
+
+
+def mean_cross_entropy(apply_fn: Callable, params: Any, batch: tuple) -> jax.Array:
+    """Mean softmax cross-entropy of ``apply_fn(params, inputs)`` against integer labels."""
+    inputs, labels = batch
+    logits = apply_fn(params, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(apply_fn: Callable, params: Any, inputs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of ``inputs`` whose arg-max logit equals the label."""
+    logits = jax.jit(apply_fn)(params, inputs)
+    return float(jnp.mean(jnp.argmax(logits, axis=-1) == labels))
+
+
+def train(
+    apply_fn: Callable,
+    params: Any,
+    train_data: tuple[np.ndarray, np.ndarray],
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    learning_rate: float = 3e-3,
+) -> tuple[Any, float]:
+    """Trains ``params`` with optax Adam on random mini-batches of ``train_data``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> logits``.
+      params: initial parameters.
+      train_data: ``(images, labels)``.
+      steps: number of Adam steps.
+      batch_size: examples per mini-batch (sampled with replacement across steps, without
+        replacement within one).
+      seed: seed of the mini-batch sampler.
+      learning_rate: Adam step size.
+
+    Returns:
+      ``(params, last_loss)``: the trained parameters and the loss of the last mini-batch.
+    """
+    optimizer = optax.adam(learning_rate)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(mean_cross_entropy, argnums=1)(apply_fn, params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    images, labels = train_data
+    rng = np.random.default_rng(seed)
+    loss = jnp.nan
+    for _ in range(steps):
+        index = rng.choice(len(labels), size=min(batch_size, len(labels)), replace=False)
+        params, opt_state, loss = step(params, opt_state, (images[index], labels[index]))
+    return params, float(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries (one line each)
+# --------------------------------------------------------------------------------------------
+
+
+def _total(tree: Any) -> jax.Array:
+    """Sum of all entries of all leaves of ``tree``."""
+    return sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree))
+
+
+def _norm_stats(squared_norms: jax.Array) -> str:
+    """Mean and max of ``norm(g_n)`` from per-example squared norms ``[N]``."""
+    norms = jnp.sqrt(squared_norms)
+    return f"N={norms.shape[0]}: mean norm(g_n) = {norms.mean():.3e}, max = {norms.max():.3e}"
+
+
+def summarize_grad(grad: Any) -> str:
+    """Global norm of the gradient."""
+    return f"norm(grad) = {optax.global_norm(grad):.4e}"
+
+
+def summarize_per_example_grads(per_example: Any) -> str:
+    """Mean and max per-example gradient norm, computed from the ``[N, ...]`` leaves."""
+    squared = sum(
+        jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+        for leaf in jax.tree.leaves(per_example)
+    )
+    return _norm_stats(squared)
+
+
+def summarize_batch_l2(batch_l2: Any) -> str:
+    """Mean and max per-example gradient norm: ``sqrt`` of ``batch_l2`` summed over leaves."""
+    return _norm_stats(sum(jax.tree.leaves(batch_l2)))
+
+
+def summarize_sum_grad_squared(sum_grad_squared: Any) -> str:
+    """Total over entries, which equals ``sum_n ||g_n||^2``."""
+    return f"sum over entries = {_total(sum_grad_squared):.4e}"
+
+
+def summarize_variance(variance: Any) -> str:
+    """Total variance, summed over all parameter entries."""
+    return f"total variance = {_total(variance):.4e}"
+
+
+def summarize_extract(result: dict) -> str:
+    """Loss and the keys ``extract`` returned."""
+    keys = ", ".join(k for k in result if k != "loss")
+    return f"loss = {float(result['loss']):.4f}; keys: {keys}"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """One row of the demo's table.
+
+    Attributes:
+      name: label printed in the table's first column.
+      attr: the :mod:`curvjax` attribute the row needs; the row is skipped when
+        ``hasattr(curvjax, attr)`` is false.
+      compute: ``compute(apply_fn, params, batch)`` returning the quantity; jitted by the demo.
+      summarize: ``summarize(value)`` returning a one-line description of the value.
+    """
+
+    name: str
+    attr: str
+    compute: ComputeFn
+    summarize: SummaryFn
+
+
+def _extract_first_order(apply_fn: Callable, params: Any, batch: tuple) -> dict:
+    """``curvjax.extract`` of every first-order quantity this curvjax version provides."""
+    quantities = tuple(q for q in FIRST_ORDER if hasattr(curvjax, q))
+    return curvjax.extract(apply_fn, params, batch, quantities=quantities)
+
+
+QUANTITIES: list[Quantity] = [
+    Quantity("grad", "grad", lambda f, p, b: curvjax.grad(f, p, b), summarize_grad),
+    Quantity(
+        "per_example_grads",
+        "per_example_grads",
+        lambda f, p, b: curvjax.per_example_grads(f, p, b),
+        summarize_per_example_grads,
+    ),
+    Quantity("batch_l2", "batch_l2", lambda f, p, b: curvjax.batch_l2(f, p, b), summarize_batch_l2),
+    Quantity(
+        "sum_grad_squared",
+        "sum_grad_squared",
+        lambda f, p, b: curvjax.sum_grad_squared(f, p, b),
+        summarize_sum_grad_squared,
+    ),
+    Quantity("variance", "variance", lambda f, p, b: curvjax.variance(f, p, b), summarize_variance),
+    Quantity("extract (all first-order)", "extract", _extract_first_order, summarize_extract),
+]
+"""Every row of the demo's table, in order. Append a :class:`Quantity` to add one."""
+
+
+def available_quantities(
+    quantities: Sequence[Quantity] = tuple(QUANTITIES), module: Any = curvjax
+) -> tuple[list[Quantity], list[Quantity]]:
+    """Splits ``quantities`` into those ``module`` provides and those it does not."""
+    present = [q for q in quantities if hasattr(module, q.attr)]
+    missing = [q for q in quantities if not hasattr(module, q.attr)]
+    return present, missing
+
+
+# --------------------------------------------------------------------------------------------
+# Timing and the table
+# --------------------------------------------------------------------------------------------
+
+
+def time_jitted(fn: Callable, *args: Any, repeats: int = 5, number: int = 10) -> tuple[Any, float]:
+    """Median wall time of ``fn(*args)`` in seconds, after one warm-up (compilation) call.
+
+    Each of ``repeats`` measurements times ``number`` back-to-back calls, ending with
+    ``jax.block_until_ready``, and divides by ``number``.
+
+    Returns:
+      ``(value, seconds)``: the value of the warm-up call and the median time per call.
+    """
+    value = jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / number)
+    return value, statistics.median(samples)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Formats ``rows`` as an aligned markdown table (numeric-looking columns right-aligned)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    numeric = [bool(rows) and all(_is_number(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells):
+        parts = [
+            str(c).rjust(w) if num else str(c).ljust(w)
+            for c, w, num in zip(cells, widths, numeric, strict=True)
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    dashes = [
+        "-" * (w + 1) + ":" if num else "-" * (w + 2)
+        for w, num in zip(widths, numeric, strict=True)
+    ]
+    rule = "|" + "|".join(dashes) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def quantity_table(
+    apply_fn: Callable,
+    params: Any,
+    batch: tuple,
+    quantities: Sequence[Quantity] = tuple(QUANTITIES),
+    *,
+    repeats: int = 5,
+    number: int = 10,
+) -> tuple[str, list[Quantity]]:
+    """Times every available quantity against a jitted ``jax.grad`` baseline.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> logits [N, C]``.
+      params: parameters at which to evaluate.
+      batch: ``(inputs, labels)``.
+      quantities: the registry rows to evaluate.
+      repeats, number: see :func:`time_jitted`.
+
+    Returns:
+      ``(table, skipped)``: the formatted table and the rows skipped because curvjax lacks them.
+    """
+    present, skipped = available_quantities(quantities)
+
+    baseline = jax.jit(lambda p, b: jax.grad(mean_cross_entropy, argnums=1)(apply_fn, p, b))
+    _, base_seconds = time_jitted(baseline, params, batch, repeats=repeats, number=number)
+
+    rows = [["jax.grad (baseline)", f"{1e3 * base_seconds:.3f}", "1.00", "reference"]]
+    for quantity in present:
+        fn = jax.jit(lambda p, b, q=quantity: q.compute(apply_fn, p, b))
+        value, seconds = time_jitted(fn, params, batch, repeats=repeats, number=number)
+        rows.append(
+            [
+                quantity.name,
+                f"{1e3 * seconds:.3f}",
+                f"{seconds / base_seconds:.2f}",
+                quantity.summarize(value),
+            ]
+        )
+    header = ["quantity", "time [ms]", "ratio to grad", "summary"]
+    return format_table(header, rows), skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run_demo(*, steps: int = 300, batch_size: int = 128, seed: int = 0) -> None:
+    """Trains the CNN on digits, prints accuracies and the table of quantities.
+
+    Args:
+      steps: Adam steps.
+      batch_size: mini-batch size for training and for the quantity table.
+      seed: seed for the data split, the initialisation and the mini-batch sampler.
+    """
+    (x_train, y_train), (x_test, y_test) = load_digits_split(seed)
+    model = SmallCNN()
+    apply_fn = make_apply_fn(model)
+    params = model.init(jax.random.key(seed), x_train[:1])["params"]
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    print(
+        f"digits: {len(y_train)} train / {len(y_test)} test images 8x8x1; "
+        f"SmallCNN with {num_params} parameters; backend {jax.default_backend()}"
+    )
+
+    start = time.perf_counter()
+    params, last_loss = train(
+        apply_fn, params, (x_train, y_train), steps=steps, batch_size=batch_size, seed=seed
+    )
+    print(
+        f"trained {steps} Adam steps (batch {batch_size}) in {time.perf_counter() - start:.1f} s; "
+        f"last loss {last_loss:.4f}"
+    )
+    print(
+        f"train accuracy {accuracy(apply_fn, params, x_train, y_train):.4f}, "
+        f"test accuracy {accuracy(apply_fn, params, x_test, y_test):.4f}"
+    )
+
+    n = min(batch_size, len(y_train))
+    batch = (jnp.asarray(x_train[:n]), jnp.asarray(y_train[:n]))
+    print()
+    print(
+        f"curvjax quantities on a batch of N={n} (loss cross_entropy, reduction mean; "
+        "g_n = grad loss_n / N); median time per call, jitted, after warm-up:"
+    )
+    table, skipped = quantity_table(apply_fn, params, batch)
+    print(table)
+    if skipped:
+        names = ", ".join(q.name for q in skipped)
+        print(f"skipped (not in this curvjax version): {names}")

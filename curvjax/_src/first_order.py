@@ -1,0 +1,181 @@
+"""First-order quantities: the gradient, per-example gradients and their statistics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from curvjax._src import backprop, leafwise
+from curvjax._src import losses as losses_lib
+
+
+def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Gradient of the reduced loss.
+
+    .. math::
+        ∇L, \\qquad L = κ \\sum_{n=1}^N ℓ(f(θ, x_n), y_n), \\quad κ = 1/N \\text{ (mean) or } 1
+        \\text{ (sum)}.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function.
+      params: parameter pytree.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"`` (integer labels), ``"mse"`` (``ℓ = ||f - y||²``) or a
+        :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      A pytree like ``params``; ``None`` at non-floating-point leaves.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> jax.jit(curvjax.grad, static_argnums=0)(apply_fn, params, batch)["w"].shape
+      (4, 3)
+    """
+    inputs, targets = backprop.validate_batch(batch)
+    loss_fn = losses_lib.resolve(loss)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    scale = losses_lib.reduction_scale(reduction, n)
+    leaves, tree = jax.tree.flatten(params)
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+
+    def reduced(float_leaves):
+        it = iter(float_leaves)
+        full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
+        outputs = apply_fn(jax.tree.unflatten(tree, full), inputs)
+        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs, targets))
+
+    grads = iter(jax.grad(reduced)([x for x, f in zip(leaves, is_float, strict=True) if f]))
+    return jax.tree.unflatten(tree, [next(grads) if f else None for f in is_float])
+
+
+_DOC_ARGS = """
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently (no batch statistics).
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+"""
+
+
+def per_example_grads(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
+    return p.model.unflatten_float(leafwise.per_example_grads(p))
+
+
+per_example_grads.__doc__ = (
+    """Per-example gradient contributions (BackPACK's ``BatchGrad``).
+
+    .. math::
+        g_n = κ ∇_θ ℓ(f(θ, x_n), y_n), \\qquad \\sum_n g_n = ∇L .
+"""
+    + _DOC_ARGS
+    + """
+    Returns:
+      A pytree like ``params`` with leaves of shape ``[N, *leaf.shape]``.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.per_example_grads(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
+      (5, 4, 3)
+
+    References:
+      Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop", ICLR 2020.
+    """
+)
+
+
+def batch_l2(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
+    return p.model.unflatten_float(leafwise.sq_norms(p))
+
+
+batch_l2.__doc__ = (
+    """Squared norm of each example's gradient contribution, per leaf (``BatchL2Grad``).
+
+    .. math::
+        \\mathrm{batch\\_l2}[n] = \\lVert g_n \\rVert^2 .
+
+    Dense layers use ``||g_n||² = ||a_n||² ||b_n||²``; weight-shared layers (convolutions,
+    attention) the Gram identity or chunked per-example gradients, whichever costs less.
+"""
+    + _DOC_ARGS
+    + """
+    Returns:
+      A pytree like ``params`` with leaves of shape ``[N]``.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.batch_l2(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
+      (5,)
+    """
+)
+
+
+def sum_grad_squared(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
+    return p.model.unflatten_float(leafwise.sum_sq(p, p.columns_of_gradient()))
+
+
+sum_grad_squared.__doc__ = (
+    """Sum over examples of the squared gradient contributions (``SumGradSquared``).
+
+    .. math::
+        \\sum_n g_n \\odot g_n .
+"""
+    + _DOC_ARGS
+    + """
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.sum_grad_squared(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
+      (4, 3)
+    """
+)
+
+
+def variance_from(sum_squared, gradient, num_examples: int):
+    """``(1/N) Σ g_n² − ((1/N) Σ g_n)²`` from ``Σ g_n²`` and ``Σ g_n = ∇L``."""
+    return jax.tree.map(
+        lambda s, g: s / num_examples - (g / num_examples) ** 2, sum_squared, gradient
+    )
+
+
+def variance(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
+    sgs = leafwise.sum_sq(p, p.columns_of_gradient())
+    return p.model.unflatten_float(variance_from(sgs, p.grad, p.model.num_examples))
+
+
+variance.__doc__ = (
+    """Elementwise population variance of the gradient contributions (``Variance``).
+
+    .. math::
+        \\frac{1}{N} \\sum_n g_n \\odot g_n - \\Big(\\frac{1}{N} \\sum_n g_n\\Big)^{\\odot 2} .
+"""
+    + _DOC_ARGS
+    + """
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.variance(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
+      (4, 3)
+    """
+)

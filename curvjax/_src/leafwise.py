@@ -1,0 +1,157 @@
+"""From tap-level quantities to quantities per parameter leaf.
+
+A leaf is *fast* when exactly one tap consumes it, through a pure relayout (reshape, transpose,
+dtype conversion), and that tap has a bilinear rule (dense, convolution): its squared norms and
+second moments come from the rule without forming per-example gradients. Every other leaf
+(biases and scales seen by elementwise taps, embeddings, tied weights used by several taps,
+parameters transformed before use) is *slow*: its per-example gradients are formed exactly -- the
+VJP of each tap's own equation, pushed back through the parameter-side computation -- a chunk of
+examples at a time.
+
+``cols`` arguments map tap ids to output cotangents with a column axis ``[N, M, *shape]``: the
+``M`` backpropagated vectors of each example (``M = 1`` for the loss gradient, ``M = C`` for the
+columns of the loss-Hessian factor).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvjax._src import chunking, rules
+from curvjax._src.backprop import Pass
+from curvjax._src.rules import bilinear, generic
+
+
+def _fast_tap(p: Pass, k: int):
+    taps = p.model.taps_of_leaf[k]
+    if len(taps) == 1 and taps[0].chain_leaf == k and rules.has_bilinear_form(taps[0]):
+        return taps[0]
+    return None
+
+
+def _split_leaves(p: Pass) -> tuple[dict, list[int]]:
+    fast, slow = {}, []
+    for k in range(len(p.model.float_index)):
+        tap = _fast_tap(p, k)
+        if tap is not None:
+            fast[k] = tap
+        elif p.model.taps_of_leaf[k]:
+            slow.append(k)
+    return fast, slow
+
+
+def _param_side(p: Pass, taps, leaf_ids):
+    """``(values, vjp)`` of the parameter inputs of ``taps`` as a function of leaves ``leaf_ids``."""
+    base = p.model.float_leaves(p.params)
+
+    def fn(chosen):
+        leaves = list(base)
+        for k, value in zip(leaf_ids, chosen, strict=True):
+            leaves[k] = value
+        statics = p.model.static_values(p.model.merge(p.params, leaves))
+        return {
+            t.id: tuple(statics[t.id][t.static_positions.index(q)] for q in t.param_positions)
+            for t in taps
+        }
+
+    return jax.vjp(fn, [base[k] for k in leaf_ids])
+
+
+def _to_leaf(p: Pass, tap, k: int, value, batched: bool):
+    """Map a quantity in the layout of ``tap``'s parameter input back to leaf ``k``'s layout."""
+    _, vjp = _param_side(p, [tap], [k])
+
+    def one(v):
+        return vjp({tap.id: (v,)})[0][0]
+
+    return jax.vmap(one)(value) if batched else one(value)
+
+
+def _slow_grads_fn(p: Pass, slow: list[int]):
+    """Per-example gradients of the slow leaves, for one example and ``M`` vectors."""
+    taps = sorted({t.id: t for k in slow for t in p.model.taps_of_leaf[k]}.values(), key=_tap_id)
+    _, vjp = _param_side(p, taps, slow)
+
+    def one(acts_n, cols_n):  # cols_n: tap id -> [M, *shape]
+        def one_column(cots_nm):
+            tap_grads = {
+                t.id: generic.param_grad_one(t, p.statics[t.id], acts_n[t.id], cots_nm[t.id])
+                for t in taps
+            }
+            return vjp(tap_grads)[0]
+
+        cols_n = {t.id: cols_n[t.id] for t in taps}
+        return jax.vmap(one_column)(cols_n)  # list over slow leaves of [M, *leaf.shape]
+
+    acts = {t.id: p.acts[t.id] for t in taps}
+    return one, acts
+
+
+def _tap_id(tap) -> int:
+    return tap.id
+
+
+def _slow_size(p: Pass, slow: list[int], m: int) -> int:
+    leaves = p.model.float_leaves(p.params)
+    return m * sum(int(np.prod(jnp.shape(leaves[k]))) for k in slow)
+
+
+def per_example_grads(p: Pass) -> list:
+    """``g_n`` for every float leaf: ``[N, *leaf.shape]``."""
+    leaf_ids = list(range(len(p.model.float_index)))
+    _, vjp = _param_side(p, p.model.taps, leaf_ids)
+    tap_grads = {
+        t.id: rules.param_grads(t, p.statics[t.id], p.acts[t.id], p.cots[t.id])
+        for t in p.model.taps
+    }
+    return jax.vmap(lambda g: vjp(g)[0])(tap_grads)
+
+
+def sq_norms(p: Pass) -> list:
+    """``||g_n||²`` for every float leaf: ``[N]``."""
+    fast, slow = _split_leaves(p)
+    n = p.model.num_examples
+    dtype = p.outputs.dtype
+    result = [jnp.zeros((n,), dtype) for _ in p.model.float_index]
+    cols = p.columns_of_gradient()
+    for k, tap in fast.items():
+        result[k] = bilinear.sq_norms(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
+    if slow:
+        one, acts = _slow_grads_fn(p, slow)
+
+        def norms(xs):
+            grads = jax.vmap(one)(*xs)
+            return [jnp.sum(g**2, axis=tuple(range(1, g.ndim))) for g in grads]
+
+        chunk = chunking.chunk_size(n, _slow_size(p, slow, 1))
+        slow_cols = {t: c for t, c in cols.items() if t in acts}
+        values = chunking.chunked_map(norms, (acts, slow_cols), chunk)
+        for k, value in zip(slow, values, strict=True):
+            result[k] = value
+    return result
+
+
+def sum_sq(p: Pass, cols: dict) -> list:
+    """``Σ_n Σ_m g_{n,m}²`` elementwise for every float leaf, for the vectors ``cols``."""
+    fast, slow = _split_leaves(p)
+    leaves = p.model.float_leaves(p.params)
+    result = [jnp.zeros_like(leaf) for leaf in leaves]
+    for k, tap in fast.items():
+        value = bilinear.sum_sq(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
+        result[k] = _to_leaf(p, tap, k, value, batched=False)
+    if slow:
+        one, acts = _slow_grads_fn(p, slow)
+        m = jax.tree.leaves(cols)[0].shape[1]
+
+        def squares(xs):
+            grads = jax.vmap(one)(*xs)
+            return [jnp.sum(g**2, axis=(0, 1)) for g in grads]
+
+        chunk = chunking.chunk_size(p.model.num_examples, _slow_size(p, slow, m))
+        slow_cols = {t: c for t, c in cols.items() if t in acts}
+        values = chunking.chunked_sum(squares, (acts, slow_cols), chunk)
+        for k, value in zip(slow, values, strict=True):
+            result[k] = value
+    return result

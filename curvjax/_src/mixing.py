@@ -1,0 +1,650 @@
+"""Detect models that combine different examples of a batch.
+
+Per-example quantities (per-example gradients, their norms and variance, GGN and Hessian
+diagonals, ...) are only defined when output ``n`` of the model depends on input ``n`` alone.
+curvjax evaluates the model's jaxpr traced at batch size one under ``vmap``, so a model that
+mixes examples (flax ``BatchNorm(use_running_average=False)`` normalising with batch statistics,
+a mean over the batch axis, attention across examples) would silently give wrong numbers. This
+module finds such models structurally, from the jaxpr traced at the real batch size ``N``.
+
+Representation
+--------------
+Every variable carries either ``None`` (it does not depend on the example index, or we stopped
+tracking it) or a *stride* ``s``: the example index of the element at row-major flat position
+``i`` is ``(i // s) % N``. An input of shape ``(N, d1, ..., dk)`` batched along axis 0 has
+``s = d1 * ... * dk``. This form survives ``reshape`` unchanged (a reshape keeps flat positions),
+so ``(N, T, D) -> (N * T, D) -> (N, T, D)`` needs no special case. Operations that act along an
+axis locate the example index in the shape: axis ``j`` *holds* the example index when its stride
+``st_j`` divides ``s`` and ``N * s`` divides ``st_j * d_j``; the index is then
+``(i_j // q) % N`` with sub-stride ``q = s // st_j``. Axis ``j`` is *free* of the example index
+when ``d_j == 1``, or ``st_j * d_j`` divides ``s``, or ``N * s`` divides ``st_j``; reducing,
+sorting or windowing along an axis that is not free combines examples.
+
+Each primitive has a small rule (the ``_RULES`` table) that maps the strides of its inputs to the
+strides of its outputs and reports the equation when it combines examples: elementwise operations
+whose operands index examples differently, reductions / cumulative ops / sorts / pooling over the
+example axis, ``dot_general`` contracting it or pairing two batched operands, convolutions over it,
+and slicing, padding, concatenating or reversing it. Nested jaxprs (``jit``, ``custom_jvp_call``,
+``custom_vjp_call``, ``remat``, ``closed_call``, ``cond``, ``scan``, ``while``) are entered.
+Unknown primitives and cases the rules cannot follow stop the tracking of their outputs (the
+outputs are treated as independent of the examples): the detector prefers a miss to a false alarm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.extend import source_info_util
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
+
+__all__ = ["check_no_batch_mixing", "find_batch_mixing"]
+
+Stride = int | None
+
+_ELEMENTWISE = frozenset(
+    """
+    abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil
+    clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc
+    exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag integer_pow is_finite le lgamma log
+    log1p logistic lt max min mul ne neg nextafter not or polygamma population_count pow
+    random_gamma_grad real reduce_precision regularized_incomplete_beta rem round rsqrt select_n
+    shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
+    sub tan tanh xor zeta
+    """.split()
+)
+_IDENTITY = frozenset({"optimization_barrier", "sharding_constraint", "device_put"})
+_REDUCTIONS = frozenset(
+    {
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "reduce_xor",
+        "argmax",
+        "argmin",
+    }
+)
+_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+_WINDOWED = frozenset(
+    {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
+)
+
+
+class _Context:
+    """Batch size, collected reports and the name-stack prefix of the enclosing equations."""
+
+    def __init__(self, batch_size: int):
+        self.n = batch_size
+        self.reports: list[str] = []
+        self.scope = ""
+        self.where = ""
+
+    def report(self, eqn: JaxprEqn, what: str) -> None:
+        scope = "/".join(p for p in (self.scope, str(eqn.source_info.name_stack)) if p)
+        where = _where(eqn) or self.where or "unknown source line"
+        self.reports.append(
+            f"`{eqn.primitive.name}` {what}" + (f" in {scope}" if scope else "") + f" ({where})"
+        )
+
+
+def _where(eqn: JaxprEqn) -> str:
+    where = source_info_util.summarize(eqn.source_info)
+    return "" if where in ("", "<unknown>") else where
+
+
+# ----------------------------------------------------------------------------- stride helpers
+
+
+def _shape(atom) -> tuple[int, ...]:
+    return tuple(atom.aval.shape)
+
+
+def _strides(shape: Sequence[int]) -> list[int]:
+    return [math.prod(shape[j + 1 :]) for j in range(len(shape))]
+
+
+def _locate(shape: Sequence[int], s: int, n: int) -> tuple[int, int] | None:
+    """The axis ``j`` holding the example index and its sub-stride ``q``, or None."""
+    for j, (d, st) in enumerate(zip(shape, _strides(shape), strict=True)):
+        if d > 1 and s % st == 0 and (st * d) % (s * n) == 0:
+            return j, s // st
+    return None
+
+
+def _touches(shape: Sequence[int], s: int, n: int, axis: int) -> bool:
+    """Whether moving along ``axis`` can change the example index."""
+    d, st = shape[axis], _strides(shape)[axis]
+    return d > 1 and s % (st * d) != 0 and st % (s * n) != 0
+
+
+def _place(shape: Sequence[int], axis: int, q: int) -> int:
+    """Stride of an array of ``shape`` whose example index sits in ``axis``, sub-stride ``q``."""
+    return q * _strides(shape)[axis]
+
+
+def _none(eqn: JaxprEqn) -> list[Stride]:
+    return [None] * len(eqn.outvars)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _elementwise(eqn, ins, ctx):
+    # Operands have the output's rank; dimensions of size one broadcast implicitly.
+    out = _shape(eqn.outvars[0])
+    strides = set()
+    for var, s in zip(eqn.invars, ins, strict=True):
+        if s is None:
+            continue
+        loc = _locate(_shape(var), s, ctx.n)
+        if _shape(var) != out and loc is None:
+            return _none(eqn)
+        strides.add(s if _shape(var) == out else _place(out, *loc))
+    if len(strides) > 1:
+        ctx.report(eqn, "combines operands that index examples along different axes")
+        return _none(eqn)
+    (s,) = strides
+    return [s if _shape(v) == out else None for v in eqn.outvars]
+
+
+def _identity(eqn, ins, ctx):
+    return list(ins[: len(eqn.outvars)])
+
+
+def _reshape(eqn, ins, ctx):
+    # A reshape keeps row-major flat positions, hence the stride; `dimensions` would transpose.
+    return [ins[0] if eqn.params.get("dimensions") is None else None]
+
+
+def _broadcast_in_dim(eqn, ins, ctx):
+    loc = _locate(_shape(eqn.invars[0]), ins[0], ctx.n)
+    if loc is None:
+        return [None]
+    j, q = loc
+    return [_place(_shape(eqn.outvars[0]), eqn.params["broadcast_dimensions"][j], q)]
+
+
+def _transpose(eqn, ins, ctx):
+    loc = _locate(_shape(eqn.invars[0]), ins[0], ctx.n)
+    if loc is None:
+        return [None]
+    j, q = loc
+    return [_place(_shape(eqn.outvars[0]), list(eqn.params["permutation"]).index(j), q)]
+
+
+def _along(ctx, eqn, operands, ins, outs, axes, what, removed=False):
+    """Shared rule for operations that act along ``axes`` of the ``operands`` giving ``outs``."""
+    locs = set()
+    for var, s in zip(operands, ins, strict=True):
+        if s is None:
+            continue
+        shape = _shape(var)
+        if any(_touches(shape, s, ctx.n, a) for a in axes):
+            ctx.report(eqn, f"{what} the example axis")
+            return [None] * len(outs)
+        locs.add(_locate(shape, s, ctx.n))
+    if len(locs) > 1 and None not in locs:
+        ctx.report(eqn, "combines operands that index examples along different axes")
+    if len(locs) != 1 or None in locs:
+        return [None] * len(outs)
+    ((j, q),) = locs
+    if removed:
+        j -= sum(a < j for a in axes)
+    return [_place(_shape(v), j, q) for v in outs]
+
+
+def _along_axes(eqn, ins, ctx, axes, what, removed=False, operands=None):
+    """``_along`` for the first ``operands`` inputs of ``eqn`` (the rest: init or fill values)."""
+    k = len(eqn.invars) if operands is None else operands
+    if any(s is not None for s in ins[k:]):
+        return _none(eqn)  # batched init or padding values: unusual, stop tracking
+    return _along(ctx, eqn, eqn.invars[:k], ins[:k], eqn.outvars, axes, what, removed)
+
+
+def _reduction(eqn, ins, ctx):
+    axes = eqn.params.get("axes", eqn.params.get("dimensions"))
+    operands = len(eqn.outvars) if eqn.primitive.name == "reduce" else None
+    return _along_axes(eqn, ins, ctx, axes, "reduces over", removed=True, operands=operands)
+
+
+def _collective(eqn, ins, ctx):
+    # vmap turns a collective over the vmapped axis name into integer (positional) axes.
+    axes = [a for a in eqn.params["axes"] if isinstance(a, int)]
+    return [
+        _along(ctx, eqn, [var], [s], [out], axes, "reduces over", removed=True)[0]
+        for var, s, out in zip(eqn.invars, ins, eqn.outvars, strict=True)
+    ]
+
+
+def _cumulative(eqn, ins, ctx):
+    return _along_axes(eqn, ins, ctx, [eqn.params["axis"]], "accumulates along")
+
+
+def _sort(eqn, ins, ctx):
+    return _along_axes(eqn, ins, ctx, [eqn.params["dimension"]], "sorts along")
+
+
+def _top_k(eqn, ins, ctx):
+    axis = eqn.params.get("axis", len(_shape(eqn.invars[0])) - 1)
+    return _along_axes(eqn, ins, ctx, [axis], "selects the top k along")
+
+
+def _split(eqn, ins, ctx):
+    return _along_axes(eqn, ins, ctx, [eqn.params["axis"]], "splits")
+
+
+def _rev(eqn, ins, ctx):
+    return _along_axes(eqn, ins, ctx, eqn.params["dimensions"], "reverses")
+
+
+def _windowed(eqn, ins, ctx):
+    p, shape = eqn.params, _shape(eqn.invars[0])
+    ones = (1,) * len(shape)
+    moving = [
+        a
+        for a in range(len(shape))
+        if p["window_dimensions"][a] != 1
+        or p["window_strides"][a] != 1
+        or tuple(p["padding"][a]) != (0, 0)
+        or p.get("base_dilation", ones)[a] != 1
+    ]
+    return _along_axes(eqn, ins, ctx, moving, "pools over", operands=len(eqn.outvars))
+
+
+def _slice(eqn, ins, ctx):
+    shape, p = _shape(eqn.invars[0]), eqn.params
+    strides = p["strides"] or (1,) * len(shape)
+    cut = [
+        a
+        for a in range(len(shape))
+        if p["start_indices"][a] != 0 or p["limit_indices"][a] != shape[a] or strides[a] != 1
+    ]
+    return _along_axes(eqn, ins, ctx, cut, "slices")
+
+
+def _pad(eqn, ins, ctx):
+    padded = [a for a, cfg in enumerate(eqn.params["padding_config"]) if tuple(cfg) != (0, 0, 0)]
+    return _along_axes(eqn, ins, ctx, padded, "pads", operands=1)
+
+
+def _concatenate(eqn, ins, ctx):
+    return _along_axes(eqn, ins, ctx, [eqn.params["dimension"]], "concatenates along")
+
+
+def _dynamic_slice(eqn, ins, ctx):
+    shape, sizes = _shape(eqn.invars[0]), eqn.params["slice_sizes"]
+    loc = None if ins[0] is None else _locate(shape, ins[0], ctx.n)
+    if loc is None or any(s is not None for s in ins[1:]) or sizes[loc[0]] != shape[loc[0]]:
+        return [None]  # e.g. one example taken out inside a loop: stop tracking, do not report
+    return [_place(_shape(eqn.outvars[0]), *loc)]
+
+
+def _dynamic_update_slice(eqn, ins, ctx):
+    operand, update = _shape(eqn.invars[0]), _shape(eqn.invars[1])
+    locs = {
+        _locate(shape, s, ctx.n)
+        for shape, s in zip((operand, update), ins[:2], strict=True)
+        if s is not None
+    }
+    if len(locs) != 1 or any(s is not None for s in ins[2:]):
+        return [None]
+    (loc,) = locs
+    if loc is None or operand[loc[0]] != update[loc[0]]:
+        return [None]
+    return [_place(operand, *loc)]
+
+
+def _dot_general(eqn, ins, ctx):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = _shape(eqn.invars[0]), _shape(eqn.invars[1])
+    lhs_free = [a for a in range(len(lhs)) if a not in lc and a not in lb]
+    rhs_free = [a for a in range(len(rhs)) if a not in rc and a not in rb]
+    places = []
+    for s, shape, contract, batch, free, offset in (
+        (ins[0], lhs, lc, lb, lhs_free, len(lb)),
+        (ins[1], rhs, rc, rb, rhs_free, len(lb) + len(lhs_free)),
+    ):
+        if s is None:
+            continue
+        if any(_touches(shape, s, ctx.n, a) for a in contract):
+            ctx.report(eqn, "contracts (sums) over the example axis")
+            return [None]
+        loc = _locate(shape, s, ctx.n)
+        if loc is None:
+            return [None]
+        j, q = loc
+        places.append((list(batch).index(j) if j in batch else offset + free.index(j), q))
+    if len(places) == 2 and places[0] != places[1]:
+        ctx.report(eqn, "pairs every example of one operand with every example of the other")
+        return [None]
+    return [_place(_shape(eqn.outvars[0]), *places[0])]
+
+
+def _conv(eqn, ins, ctx):
+    p = eqn.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    lhs, rhs, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
+    locs = [
+        None if s is None else _locate(shape, s, ctx.n)
+        for s, shape in zip(ins, (lhs, rhs), strict=True)
+    ]
+    if any(s is not None and loc is None for s, loc in zip(ins, locs, strict=True)):
+        return [None]
+    lhs_loc, rhs_loc = locs
+    groups = p["feature_group_count"]
+    if rhs_loc is None and lhs_loc[0] == lhs_spec[0] and p["batch_group_count"] == 1:
+        return [_place(out, out_spec[0], lhs_loc[1])]  # the usual case: batch in the batch dim
+    if lhs_loc is None and rhs_loc[0] == rhs_spec[0]:
+        return [_place(out, out_spec[1], rhs_loc[1])]  # per-example kernels, shared input
+    if lhs_loc is not None and rhs_loc is not None and p["batch_group_count"] == 1:
+        # vmap of a convolution over both input and kernel: examples become feature groups.
+        in_group, out_group = lhs[lhs_spec[1]] // groups, rhs[rhs_spec[0]] // groups
+        (lj, lq), (rj, rq) = lhs_loc, rhs_loc
+        if (
+            lj == lhs_spec[1]
+            and rj == rhs_spec[0]
+            and lq % in_group == 0
+            and rq % out_group == 0
+            and lq // in_group == rq // out_group
+        ):
+            return [_place(out, out_spec[1], rq)]
+    ctx.report(eqn, "convolves over or across the example axis")
+    return [None]
+
+
+def _gather(eqn, ins, ctx):
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    operand, indices, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
+    out_batch = [d for d in range(len(out)) if d not in dn.offset_dims]
+    places = []
+    if ins[1] is not None:
+        loc = _locate(indices, ins[1], ctx.n)
+        if loc is None or loc[0] == len(indices) - 1:
+            return [None]
+        places.append((out_batch[loc[0]], loc[1]))
+    if ins[0] is not None:
+        loc = _locate(operand, ins[0], ctx.n)
+        if loc is None:
+            return [None]
+        j, q = loc
+        kept = [
+            a
+            for a in range(len(operand))
+            if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims
+        ]
+        if j in dn.operand_batching_dims:
+            k = list(dn.operand_batching_dims).index(j)
+            places.append((out_batch[dn.start_indices_batching_dims[k]], q))
+        elif j in kept and sizes[j] == operand[j]:
+            places.append((dn.offset_dims[kept.index(j)], q))
+        else:
+            return [None]  # indexing into the example axis: data dependent, stop tracking
+    if len(places) == 2 and places[0] != places[1]:
+        ctx.report(eqn, "pairs the indices of one example with the data of another")
+        return [None]
+    return [_place(out, *places[0])]
+
+
+# ----------------------------------------------------------------------------- nested jaxprs
+
+
+def _inner(ctx, eqn, jaxpr, ins):
+    """Propagate through a nested jaxpr; its reports fall back to ``eqn``'s scope and line."""
+    saved = ctx.scope, ctx.where
+    ctx.scope = "/".join(p for p in (ctx.scope, str(eqn.source_info.name_stack)) if p)
+    ctx.where = _where(eqn) or ctx.where
+    try:
+        if isinstance(jaxpr, ClosedJaxpr):
+            jaxpr = jaxpr.jaxpr
+        return _propagate(jaxpr, ins, ctx)
+    finally:
+        ctx.scope, ctx.where = saved
+
+
+def _call(param):
+    def rule(eqn, ins, ctx):
+        outs = _inner(ctx, eqn, eqn.params[param], ins)
+        return outs if len(outs) == len(eqn.outvars) else _none(eqn)
+
+    return rule
+
+
+def _cond(eqn, ins, ctx):
+    if ins[0] is not None:
+        return _none(eqn)
+    outs = [_inner(ctx, eqn, branch, ins[1:]) for branch in eqn.params["branches"]]
+    return [o[0] if len(set(o)) == 1 else None for o in zip(*outs, strict=True)]
+
+
+def _fixed_point(ctx, init, body):
+    """Run ``body(carry, ctx)`` until the carry strides are stable; keep the last reports."""
+    carry, unstable = list(init), [False] * len(init)
+    for _ in range(2 * len(carry) + 2):
+        trial = _Context(ctx.n)
+        trial.scope, trial.where = ctx.scope, ctx.where
+        outs = body(carry, trial)
+        changed = False
+        for i, new in enumerate(outs[: len(carry)]):
+            if unstable[i] or new == carry[i]:
+                continue
+            changed = True
+            if carry[i] is None:
+                carry[i] = new
+            else:
+                carry[i], unstable[i] = None, True
+        if not changed:
+            ctx.reports.extend(trial.reports)
+            return [None if i < len(carry) and unstable[i] else o for i, o in enumerate(outs)]
+    return None
+
+
+def _while(eqn, ins, ctx):
+    # The loop condition is not inspected: under vmap it reduces a batched predicate over the
+    # examples (`reduce_or`), which is legitimate per-example control flow.
+    nc = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
+    consts = list(ins[eqn.params["cond_nconsts"] : nc])
+    outs = _fixed_point(
+        ctx, ins[nc:], lambda carry, c: _inner(c, eqn, eqn.params["body_jaxpr"], consts + carry)
+    )
+    return _none(eqn) if outs is None else outs
+
+
+def _scan(eqn, ins, ctx):
+    nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
+    xs = []
+    for v, s in zip(eqn.invars[nc + ncarry :], ins[nc + ncarry :], strict=True):
+        if s is not None and math.prod(_shape(v)[1:]) % (s * ctx.n):
+            return _none(eqn)  # scanning over the examples themselves: stop tracking
+        xs.append(s)
+    consts, init = list(ins[:nc]), list(ins[nc : nc + ncarry])
+    outs = _fixed_point(
+        ctx, init, lambda carry, c: _inner(c, eqn, eqn.params["jaxpr"], consts + carry + xs)
+    )
+    if outs is None:
+        return _none(eqn)
+    ys = [
+        None if s is None or math.prod(_shape(v)[1:]) % (s * ctx.n) else s
+        for v, s in zip(eqn.outvars[ncarry:], outs[ncarry:], strict=True)
+    ]
+    return outs[:ncarry] + ys
+
+
+_RULES: dict[str, Callable[[JaxprEqn, list[Stride], _Context], list[Stride]]] = {
+    **dict.fromkeys(_ELEMENTWISE, _elementwise),
+    **dict.fromkeys(_IDENTITY, _identity),
+    **dict.fromkeys(_REDUCTIONS | {"reduce"}, _reduction),
+    **dict.fromkeys(_CUMULATIVE, _cumulative),
+    **dict.fromkeys(("psum", "pmax", "pmin"), _collective),
+    **dict.fromkeys(_WINDOWED, _windowed),
+    "reshape": _reshape,
+    "squeeze": _identity,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "transpose": _transpose,
+    "sort": _sort,
+    "top_k": _top_k,
+    "split": _split,
+    "rev": _rev,
+    "slice": _slice,
+    "pad": _pad,
+    "concatenate": _concatenate,
+    "dynamic_slice": _dynamic_slice,
+    "dynamic_update_slice": _dynamic_update_slice,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "jit": _call("jaxpr"),
+    "pjit": _call("jaxpr"),
+    "remat2": _call("jaxpr"),
+    "checkpoint": _call("jaxpr"),
+    "closed_call": _call("call_jaxpr"),
+    "core_call": _call("call_jaxpr"),
+    "custom_jvp_call": _call("call_jaxpr"),
+    "custom_vjp_call": _call("call_jaxpr"),
+    "cond": _cond,
+    "while": _while,
+    "scan": _scan,
+}
+
+
+def _propagate(jaxpr: Jaxpr, ins: Sequence[Stride], ctx: _Context) -> list[Stride]:
+    env: dict[Any, int] = {}
+    for var, s in zip(jaxpr.invars, ins, strict=True):
+        if s is not None:
+            env[var] = s
+
+    def read(atom) -> Stride:
+        return None if isinstance(atom, Literal) else env.get(atom)
+
+    for eqn in jaxpr.eqns:
+        strides = [read(a) for a in eqn.invars]
+        rule = _RULES.get(eqn.primitive.name)
+        if rule is None or all(s is None for s in strides):
+            continue  # nothing batched goes in (cannot mix), or unknown primitive (stop tracking)
+        try:
+            outs = rule(eqn, strides, ctx)
+        except Exception:  # noqa: BLE001 - a rule that cannot follow an equation stops tracking
+            if _STRICT:
+                raise
+            continue
+        for var, s in zip(eqn.outvars, outs, strict=True):
+            if s is not None:
+                env[var] = s
+    return [read(v) for v in jaxpr.outvars]
+
+
+_STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def find_batch_mixing(
+    closed_jaxpr: ClosedJaxpr, batch_axes: Sequence[int | None], batch_size: int
+) -> list[str]:
+    """Describe the equations of a jaxpr that combine different examples of the batch.
+
+    Args:
+      closed_jaxpr: the model traced at the real batch size, e.g. by ``jax.make_jaxpr``.
+      batch_axes: for each input variable of the jaxpr, the axis that indexes examples (its size
+        must be ``batch_size``), or ``None`` for inputs that do not depend on the example
+        (parameters).
+      batch_size: the number of examples ``N``.
+
+    Returns:
+      One human-readable line per offending equation (primitive, what it does to the example
+      axis, flax module path when known and source line); empty if none is found. With
+      ``batch_size == 1`` nothing can be mixed and the list is empty.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> jaxpr = jax.make_jaxpr(lambda x: x - x.mean(axis=0))(jnp.ones((4, 3)))
+      >>> [line.split(" (")[0] for line in find_batch_mixing(jaxpr, [0], 4)]
+      ['`reduce_sum` reduces over the example axis']
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    if len(batch_axes) != len(jaxpr.invars):
+        raise ValueError(
+            f"batch_axes has {len(batch_axes)} entries but the jaxpr has "
+            f"{len(jaxpr.invars)} inputs; give one axis (or None) per input."
+        )
+    if batch_size <= 1:
+        return []
+    ins: list[Stride] = []
+    for i, (var, axis) in enumerate(zip(jaxpr.invars, batch_axes, strict=True)):
+        if axis is None:
+            ins.append(None)
+            continue
+        shape = _shape(var)
+        if not -len(shape) <= axis < len(shape) or shape[axis] != batch_size:
+            raise ValueError(
+                f"input {i} of the jaxpr has shape {shape}, which has no axis {axis} of size "
+                f"batch_size={batch_size}."
+            )
+        ins.append(math.prod(shape[axis % len(shape) + 1 :]))
+    ctx = _Context(batch_size)
+    _propagate(jaxpr, ins, ctx)
+    return list(dict.fromkeys(ctx.reports))
+
+
+def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
+    """Raise if ``apply_fn`` combines different examples of the batch.
+
+    ``apply_fn(params, inputs)`` is traced abstractly with ``jax.make_jaxpr`` (no computation);
+    every array leaf of ``inputs`` whose leading axis has size ``N`` (the leading size of the
+    first leaf) indexes examples, parameters never do. Non-array leaves are held static.
+
+    Args:
+      apply_fn: the model, ``apply_fn(params, inputs) -> outputs [N, C]``.
+      params: parameter pytree.
+      inputs: array or pytree of arrays with leading batch axis ``N``.
+
+    Raises:
+      ValueError: naming the operations that combine examples; per-example quantities are
+        undefined for such a model. Nothing is checked when ``N == 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_no_batch_mixing(lambda p, x: x @ p, jnp.ones((3, 2)), jnp.ones((4, 3)))
+    """
+    flat, treedef = jax.tree_util.tree_flatten((params, inputs))
+    num_params = len(jax.tree_util.tree_leaves(params))
+    is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in flat]
+    specs = [
+        jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, weak_type=getattr(x, "weak_type", False))
+        for x, a in zip(flat, is_array, strict=True)
+        if a
+    ]
+    num_param_arrays = sum(is_array[:num_params])
+    n = next((x.shape[0] for x in specs[num_param_arrays:] if x.shape), 1)
+    if n <= 1:
+        return
+
+    def traced(*arrays):
+        it = iter(arrays)
+        leaves = [next(it) if a else x for x, a in zip(flat, is_array, strict=True)]
+        return apply_fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+    closed = jax.make_jaxpr(traced)(*specs)
+    batch_axes = [
+        0 if i >= num_param_arrays and x.shape and x.shape[0] == n else None
+        for i, x in enumerate(specs)
+    ]
+    found = find_batch_mixing(closed, batch_axes, n)
+    if found:
+        lines = "\n".join(f"  - {line}" for line in found)
+        raise ValueError(
+            "apply_fn combines different examples of the batch, so per-example quantities "
+            "(per-example gradients, their norms and variance, GGN / Hessian diagonals, "
+            "Kronecker factors) are undefined for this model. Operations that mix examples:\n"
+            f"{lines}\n"
+            "This usually comes from BatchNorm normalising with batch statistics: use running "
+            "averages (flax `nn.BatchNorm(use_running_average=True)`, equinox `BatchNorm` in "
+            "inference mode) when computing curvjax quantities, or replace it by LayerNorm / "
+            "GroupNorm. Other operations across the batch axis (means over examples, attention "
+            "between examples) must be removed from apply_fn."
+        )

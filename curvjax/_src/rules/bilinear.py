@@ -1,0 +1,75 @@
+"""Quantities of taps whose per-example gradient is bilinear in (activation, cotangent).
+
+Dense and convolution taps (after patch extraction) share one canonical form: per example
+``A_n`` of shape ``[G, T, I]`` and ``B_{n,m}`` of shape ``[G, T, O]`` for ``M`` backpropagated
+vectors ``m``, with the gradient ``g_{n,m}[g, i, o] = Σ_t A_n[g, t, i] B_{n,m}[g, t, o]``.
+``T`` counts the positions over which the weight is shared (1 for a plain dense layer).
+
+* ``T = 1``: ``||g_n||² = ||a_n||² ||b_n||²`` and ``Σ_n g_n² = (a²)ᵀ (b²)`` without forming ``g_n``.
+* ``T > 1``: the squared norm by the Gram ("ghost norm") identity
+  ``||g_n||² = Σ_{t,s} (a_t·a_s)(b_t·b_s)`` or by forming ``g_n``, whichever costs fewer flops;
+  ``Σ_n g_n²`` by forming ``g_n`` a chunk of examples at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from curvjax._src import chunking
+
+
+class Form(NamedTuple):
+    a: jax.Array  # [N, G, T, I] activations
+    b: jax.Array  # [N, M, G, T, O] output cotangents, M backpropagated vectors per example
+    to_param: Callable[[jax.Array], jax.Array]  # [..., G, I, O] -> [..., *param.shape]
+
+    @property
+    def shared_positions(self) -> int:
+        return self.a.shape[2]
+
+
+def per_example_grads(form: Form) -> jax.Array:
+    """``g_n`` for the first backpropagated vector: ``[N, *param.shape]``."""
+    g = jnp.einsum("ngti,ngto->ngio", form.a, form.b[:, 0])
+    return form.to_param(g)
+
+
+def sq_norms(form: Form) -> jax.Array:
+    """``||g_n||²`` for the first backpropagated vector: ``[N]``."""
+    a, b = form.a, form.b[:, 0]
+    n, g, t, i = a.shape
+    o = b.shape[-1]
+    if t == 1:
+        return jnp.sum(jnp.sum(a[:, :, 0] ** 2, -1) * jnp.sum(b[:, :, 0] ** 2, -1), axis=1)
+    gram_cost, direct_cost = t * t * (i + o), t * i * o + i * o
+    if gram_cost <= direct_cost:
+        gram_a = jnp.einsum("ngti,ngsi->ngts", a, a)
+        gram_b = jnp.einsum("ngto,ngso->ngts", b, b)
+        return jnp.sum(gram_a * gram_b, axis=(1, 2, 3))
+
+    def direct(ab):
+        grads = jnp.einsum("ngti,ngto->ngio", *ab)
+        return jnp.sum(grads**2, axis=(1, 2, 3))
+
+    return chunking.chunked_map(direct, (a, b), chunking.chunk_size(n, g * i * o))
+
+
+def sum_sq(form: Form) -> jax.Array:
+    """``Σ_n Σ_m g_{n,m}²`` elementwise: ``param.shape``."""
+    a, b = form.a, form.b
+    n, g, t, i = a.shape
+    m, o = b.shape[1], b.shape[-1]
+    if t == 1:
+        b2 = jnp.sum(b[:, :, :, 0] ** 2, axis=1)  # [N, G, O]
+        return form.to_param(jnp.einsum("ngi,ngo->gio", a[:, :, 0] ** 2, b2))
+
+    def direct(ab):
+        grads = jnp.einsum("ngti,nmgto->nmgio", *ab)
+        return jnp.sum(grads**2, axis=(0, 1))
+
+    chunk = chunking.chunk_size(n, m * g * i * o)
+    return form.to_param(chunking.chunked_sum(direct, (a, b), chunk))
