@@ -82,5 +82,10 @@ def test_resolve_errors_and_custom_loss():
 def test_reduction_scale():
     assert losses.resolve("mse") is losses.mse
     with pytest.raises(ValueError, match="unsupported reduction 'max'"):
-        curvjax.grad(lambda p, x: x @ p, jnp.ones((2, 2)), (jnp.ones((3, 2)), jnp.ones((3, 2))),
-                     loss="mse", reduction="max")
+        curvjax.grad(
+            lambda p, x: x @ p,
+            jnp.ones((2, 2)),
+            (jnp.ones((3, 2)), jnp.ones((3, 2))),
+            loss="mse",
+            reduction="max",
+        )

@@ -68,8 +68,9 @@ SHARDED = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses XLA host-platform devices")
 def test_extract_with_batch_sharded_over_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
     result = subprocess.run(
         [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
     )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvjax._src import losses as losses_lib
+from curvjax._src import mixing
 from curvjax._src import taps as taps_lib
 
 
@@ -75,6 +76,7 @@ def run(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean") -> P
     inputs, targets = validate_batch(batch)
     loss_fn = losses_lib.resolve(loss)
     model = taps_lib.TracedModel(apply_fn, params, inputs)
+    mixing.check_no_batch_mixing(apply_fn, params, inputs)
     n = model.num_examples
     scale = losses_lib.reduction_scale(reduction, n)
     target_leaves = jax.tree.leaves(targets)

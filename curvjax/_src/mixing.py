@@ -44,6 +44,8 @@ __all__ = ["check_no_batch_mixing", "find_batch_mixing"]
 
 Stride = int | None
 
+_STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
+
 _ELEMENTWISE = frozenset(
     """
     abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil
@@ -55,24 +57,14 @@ _ELEMENTWISE = frozenset(
     sub tan tanh xor zeta
     """.split()
 )
-_IDENTITY = frozenset({"optimization_barrier", "sharding_constraint", "device_put"})
+_IDENTITY = frozenset("optimization_barrier sharding_constraint device_put".split())
 _REDUCTIONS = frozenset(
-    {
-        "reduce_sum",
-        "reduce_max",
-        "reduce_min",
-        "reduce_prod",
-        "reduce_and",
-        "reduce_or",
-        "reduce_xor",
-        "argmax",
-        "argmin",
-    }
+    "reduce reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax "
+    "argmin".split()
 )
-_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
-_WINDOWED = frozenset(
-    {"reduce_window_sum", "reduce_window_max", "reduce_window_min", "reduce_window"}
-)
+_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
+_WINDOWED = frozenset("reduce_window reduce_window_sum reduce_window_max reduce_window_min".split())
+_SCATTERS = frozenset("scatter scatter-add scatter-sub scatter-mul scatter-min scatter-max".split())
 
 
 class _Context:
@@ -157,8 +149,15 @@ def _identity(eqn, ins, ctx):
 
 
 def _reshape(eqn, ins, ctx):
-    # A reshape keeps row-major flat positions, hence the stride; `dimensions` would transpose.
-    return [ins[0] if eqn.params.get("dimensions") is None else None]
+    # A reshape keeps row-major flat positions, hence the stride; `dimensions` transposes first.
+    dims = eqn.params.get("dimensions")
+    if dims is None:
+        return [ins[0]]
+    shape = _shape(eqn.invars[0])
+    loc = _locate(shape, ins[0], ctx.n)
+    if loc is None:
+        return [None]
+    return [_place([shape[d] for d in dims], list(dims).index(loc[0]), loc[1])]
 
 
 def _broadcast_in_dim(eqn, ins, ctx):
@@ -390,6 +389,45 @@ def _gather(eqn, ins, ctx):
     return [_place(out, *places[0])]
 
 
+def _scatter(eqn, ins, ctx):
+    dn = eqn.params["dimension_numbers"]
+    operand, indices, updates = (_shape(v) for v in eqn.invars[:3])
+    window = [
+        a
+        for a in range(len(operand))
+        if a not in dn.inserted_window_dims and a not in dn.operand_batching_dims
+    ]
+    scatter_dims = [d for d in range(len(updates)) if d not in dn.update_window_dims]
+    places = set()
+    if ins[0] is not None:  # the output keeps the operand's examples where it is not written
+        places.add(_locate(operand, ins[0], ctx.n))
+    for shape, s, is_updates in ((indices, ins[1], False), (updates, ins[2], True)):
+        if s is None:
+            continue
+        loc = _locate(shape, s, ctx.n)
+        if loc is None:
+            return [None]
+        j, q = loc
+        if is_updates and j in dn.update_window_dims:
+            axis = window[list(dn.update_window_dims).index(j)]
+            if shape[j] != operand[axis]:
+                return [None]
+            places.add((axis, q))
+            continue
+        if is_updates:
+            j = scatter_dims.index(j)  # the matching dimension of the indices
+        if j not in dn.scatter_indices_batching_dims:
+            return [None]  # per-example positions in a shared operand: stop tracking
+        k = list(dn.scatter_indices_batching_dims).index(j)
+        places.add((dn.operand_batching_dims[k], q))
+    if None in places:
+        return [None]
+    if len(places) > 1:
+        ctx.report(eqn, "writes the data of one example into the place of another")
+        return [None]
+    return [_place(operand, *places.pop())]
+
+
 # ----------------------------------------------------------------------------- nested jaxprs
 
 
@@ -477,7 +515,7 @@ def _scan(eqn, ins, ctx):
 _RULES: dict[str, Callable[[JaxprEqn, list[Stride], _Context], list[Stride]]] = {
     **dict.fromkeys(_ELEMENTWISE, _elementwise),
     **dict.fromkeys(_IDENTITY, _identity),
-    **dict.fromkeys(_REDUCTIONS | {"reduce"}, _reduction),
+    **dict.fromkeys(_REDUCTIONS, _reduction),
     **dict.fromkeys(_CUMULATIVE, _cumulative),
     **dict.fromkeys(("psum", "pmax", "pmin"), _collective),
     **dict.fromkeys(_WINDOWED, _windowed),
@@ -497,12 +535,11 @@ _RULES: dict[str, Callable[[JaxprEqn, list[Stride], _Context], list[Stride]]] = 
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "gather": _gather,
+    **dict.fromkeys(_SCATTERS, _scatter),
     "jit": _call("jaxpr"),
-    "pjit": _call("jaxpr"),
     "remat2": _call("jaxpr"),
-    "checkpoint": _call("jaxpr"),
     "closed_call": _call("call_jaxpr"),
-    "core_call": _call("call_jaxpr"),
+    "call": _call("call_jaxpr"),
     "custom_jvp_call": _call("call_jaxpr"),
     "custom_vjp_call": _call("call_jaxpr"),
     "cond": _cond,
@@ -537,7 +574,32 @@ def _propagate(jaxpr: Jaxpr, ins: Sequence[Stride], ctx: _Context) -> list[Strid
     return [read(v) for v in jaxpr.outvars]
 
 
-_STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
+def _trace(apply_fn, params, inputs) -> tuple[ClosedJaxpr, list[int | None], int] | None:
+    """``(jaxpr, batch_axes, N)`` of ``apply_fn(params, inputs)``, or None when ``N <= 1``."""
+    flat, treedef = jax.tree_util.tree_flatten((params, inputs))
+    num_params = len(jax.tree_util.tree_leaves(params))
+    is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in flat]
+    specs = [
+        jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, weak_type=getattr(x, "weak_type", False))
+        for x, a in zip(flat, is_array, strict=True)
+        if a
+    ]
+    num_param_arrays = sum(is_array[:num_params])
+    n = next((x.shape[0] for x in specs[num_param_arrays:] if x.shape), 1)
+    if n <= 1:
+        return None
+
+    def traced(*arrays):
+        it = iter(arrays)
+        leaves = [next(it) if a else x for x, a in zip(flat, is_array, strict=True)]
+        return apply_fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+    closed = jax.make_jaxpr(traced)(*specs)
+    batch_axes = [
+        0 if i >= num_param_arrays and x.shape and x.shape[0] == n else None
+        for i, x in enumerate(specs)
+    ]
+    return closed, batch_axes, n
 
 
 # ----------------------------------------------------------------------------- public API
@@ -562,33 +624,40 @@ def find_batch_mixing(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> jaxpr = jax.make_jaxpr(lambda x: x - x.mean(axis=0))(jnp.ones((4, 3)))
+      >>> jaxpr = jax.make_jaxpr(lambda x: x - x.mean(axis=0, keepdims=True))(jnp.ones((4, 3)))
       >>> [line.split(" (")[0] for line in find_batch_mixing(jaxpr, [0], 4)]
       ['`reduce_sum` reduces over the example axis']
     """
+    if batch_size <= 1:
+        _input_strides(closed_jaxpr.jaxpr, batch_axes, batch_size)  # still validate the axes
+        return []
     jaxpr = closed_jaxpr.jaxpr
+    return _analyse(jaxpr, _input_strides(jaxpr, batch_axes, batch_size), batch_size)[1]
+
+
+def _input_strides(jaxpr: Jaxpr, batch_axes: Sequence[int | None], n: int) -> list[Stride]:
     if len(batch_axes) != len(jaxpr.invars):
         raise ValueError(
             f"batch_axes has {len(batch_axes)} entries but the jaxpr has "
             f"{len(jaxpr.invars)} inputs; give one axis (or None) per input."
         )
-    if batch_size <= 1:
-        return []
     ins: list[Stride] = []
     for i, (var, axis) in enumerate(zip(jaxpr.invars, batch_axes, strict=True)):
-        if axis is None:
-            ins.append(None)
-            continue
         shape = _shape(var)
-        if not -len(shape) <= axis < len(shape) or shape[axis] != batch_size:
+        if axis is not None and (not -len(shape) <= axis < len(shape) or shape[axis] != n):
             raise ValueError(
                 f"input {i} of the jaxpr has shape {shape}, which has no axis {axis} of size "
-                f"batch_size={batch_size}."
+                f"batch_size={n}."
             )
-        ins.append(math.prod(shape[axis % len(shape) + 1 :]))
-    ctx = _Context(batch_size)
-    _propagate(jaxpr, ins, ctx)
-    return list(dict.fromkeys(ctx.reports))
+        ins.append(None if axis is None else math.prod(shape[axis % len(shape) + 1 :]))
+    return ins
+
+
+def _analyse(jaxpr: Jaxpr, ins: list[Stride], n: int) -> tuple[list[Stride], list[str]]:
+    """Output strides (None where untracked) and the deduplicated reports."""
+    ctx = _Context(n)
+    outs = _propagate(jaxpr, ins, ctx)
+    return outs, list(dict.fromkeys(ctx.reports))
 
 
 def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
@@ -611,30 +680,10 @@ def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
       >>> import jax.numpy as jnp
       >>> check_no_batch_mixing(lambda p, x: x @ p, jnp.ones((3, 2)), jnp.ones((4, 3)))
     """
-    flat, treedef = jax.tree_util.tree_flatten((params, inputs))
-    num_params = len(jax.tree_util.tree_leaves(params))
-    is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in flat]
-    specs = [
-        jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, weak_type=getattr(x, "weak_type", False))
-        for x, a in zip(flat, is_array, strict=True)
-        if a
-    ]
-    num_param_arrays = sum(is_array[:num_params])
-    n = next((x.shape[0] for x in specs[num_param_arrays:] if x.shape), 1)
-    if n <= 1:
+    traced = _trace(apply_fn, params, inputs)
+    if traced is None:
         return
-
-    def traced(*arrays):
-        it = iter(arrays)
-        leaves = [next(it) if a else x for x, a in zip(flat, is_array, strict=True)]
-        return apply_fn(*jax.tree_util.tree_unflatten(treedef, leaves))
-
-    closed = jax.make_jaxpr(traced)(*specs)
-    batch_axes = [
-        0 if i >= num_param_arrays and x.shape and x.shape[0] == n else None
-        for i, x in enumerate(specs)
-    ]
-    found = find_batch_mixing(closed, batch_axes, n)
+    found = find_batch_mixing(*traced)
     if found:
         lines = "\n".join(f"  - {line}" for line in found)
         raise ValueError(
