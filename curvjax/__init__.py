@@ -9,13 +9,37 @@ from curvjax._src.first_order import (
     sum_grad_squared,
     variance,
 )
+from curvjax._src.kronecker import (
+    DenseBlock,
+    DiagonalBlock,
+    KroneckerBlock,
+    block_to_dense,
+    blocks_to_dense,
+)
+from curvjax._src.products import ggn_matrix, ggn_vp, hessian_matrix, hvp
+from curvjax._src.second_order import ggn_diag, ggn_diag_mc, hessian_diag, kfac, kflr, kfra
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseBlock",
+    "DiagonalBlock",
+    "KroneckerBlock",
     "batch_l2",
+    "block_to_dense",
+    "blocks_to_dense",
     "extract",
+    "ggn_diag",
+    "ggn_diag_mc",
+    "ggn_matrix",
+    "ggn_vp",
     "grad",
+    "hessian_diag",
+    "hessian_matrix",
+    "hvp",
+    "kfac",
+    "kflr",
+    "kfra",
     "losses",
     "per_example_grads",
     "sum_grad_squared",

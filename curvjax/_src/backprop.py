@@ -10,6 +10,7 @@ Further sets of vectors (columns of the output-Hessian factors) are backpropagat
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,16 +35,39 @@ class Pass(NamedTuple):
     statics: dict  # tap id -> values of the tap's static inputs
     acts: dict  # tap id -> activation inputs, [N, *shape at batch size one]
     cots: dict  # tap id -> output cotangents of κ ℓ_n, [N, *shape] (None for non-float outputs)
-    vjp_fn: Callable  # output cotangents [N, C] -> (param cotangents, tap cotangents)
+    node_statics: dict  # node id -> static inputs of the Hessian nodes
+    probes: dict  # node id -> activation inputs of the Hessian nodes, [N, *shape]
+    node_cots: dict  # node id -> output cotangents δ of the Hessian nodes, [N, *shape]
+    tap_outputs: dict  # tap id -> outputs of the requested taps, [N, *shape]
+    vjp_fn: Callable  # (outputs, probes, tap outputs) cotangents -> (params, ε) cotangents
 
-    def backpropagate(self, columns: jax.Array) -> dict:
-        """Tap cotangents for ``columns`` ``[N, M, C]``: tap id -> ``[N, M, *shape]``."""
-        _, cots = jax.vmap(self.vjp_fn, in_axes=1)(columns.transpose(1, 0, 2))
-        return jax.tree.map(lambda c: jnp.moveaxis(c, 0, 1), cots)
+    def backpropagate(self, columns, probe_columns=None, output_columns=None) -> dict:
+        """Tap cotangents for ``M`` vectors per example: tap id -> ``[N, M, *shape]``.
+
+        Args:
+          columns: ``[N, M, C]`` cotangents of the model outputs.
+          probe_columns: optional, node id -> cotangents ``[N, M, *shape]`` of the node inputs.
+          output_columns: optional, tap id -> cotangents ``[N, M, *shape]`` of tap outputs.
+        """
+        zeros = functools.partial(
+            jax.tree.map, lambda a: jnp.zeros((columns.shape[1], *a.shape), a.dtype)
+        )
+        probes = zeros(self.probes) if probe_columns is None else _columns_first(probe_columns)
+        outs = zeros(self.tap_outputs) if output_columns is None else _columns_first(output_columns)
+        (_, eps_cots) = jax.vmap(self.vjp_fn)((columns.transpose(1, 0, 2), probes, outs))
+        return {tap.id: _columns_second(eps_cots[("tap", tap.id)]) for tap in self.model.taps}
 
     def columns_of_gradient(self) -> dict:
         """:attr:`cots` with a column axis of size one: tap id -> ``[N, 1, *shape]``."""
         return jax.tree.map(lambda c: c[:, None], self.cots)
+
+
+def _columns_first(tree):
+    return jax.tree.map(lambda c: jnp.moveaxis(c, 1, 0), tree)
+
+
+def _columns_second(tree):
+    return jax.tree.map(lambda c: jnp.moveaxis(c, 0, 1), tree)
 
 
 def _is_concrete(x) -> bool:
@@ -71,11 +95,24 @@ def validate_batch(batch) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-def run(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean") -> Pass:
-    """Forward and backward pass; see the module docstring."""
+def run(
+    apply_fn,
+    params,
+    batch,
+    *,
+    loss="cross_entropy",
+    reduction="mean",
+    residuals: bool = False,
+    output_taps=(),
+) -> Pass:
+    """Forward and backward pass; see the module docstring.
+
+    ``residuals`` also records the Hessian nodes (see :class:`~curvjax._src.taps.Node`);
+    ``output_taps`` makes the outputs of those taps injectable (for KFRA).
+    """
     inputs, targets = validate_batch(batch)
     loss_fn = losses_lib.resolve(loss)
-    model = taps_lib.TracedModel(apply_fn, params, inputs)
+    model = taps_lib.TracedModel(apply_fn, params, inputs, residuals=residuals)
     mixing.check_no_batch_mixing(apply_fn, params, inputs)
     n = model.num_examples
     scale = losses_lib.reduction_scale(reduction, n)
@@ -94,17 +131,34 @@ def run(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean") -> P
     _check_finite("params", params)
 
     float_leaves = model.float_leaves(params)
+    output_taps = frozenset(output_taps)
 
     def forward(float_leaves, eps):
-        return model.forward(model.merge(params, float_leaves), inputs, eps)
+        return model.forward(model.merge(params, float_leaves), inputs, eps, output_taps)
 
     eps = model.zero_perturbations()
-    outputs, vjp_fn, acts = jax.vjp(forward, float_leaves, eps, has_aux=True)
+    (outputs, probes, tap_outputs), vjp_fn, acts = jax.vjp(forward, float_leaves, eps, has_aux=True)
     per_example = jax.vmap(loss_fn.value)(outputs, targets)
     total = scale * jnp.sum(per_example)
-    out_cot = scale * jax.vmap(loss_fn.output_grad)(outputs, targets)
-    grad, cots = vjp_fn(out_cot.astype(outputs.dtype))
+    out_cot = (scale * jax.vmap(loss_fn.output_grad)(outputs, targets)).astype(outputs.dtype)
+    zero = functools.partial(jax.tree.map, jnp.zeros_like)
+    grad, eps_cots = vjp_fn((out_cot, zero(probes), zero(tap_outputs)))
     statics = model.static_values(model.merge(params, float_leaves))
     return Pass(
-        model, params, loss_fn, scale, outputs, targets, total, grad, statics, acts, cots, vjp_fn
+        model=model,
+        params=params,
+        loss_fn=loss_fn,
+        scale=scale,
+        outputs=outputs,
+        targets=targets,
+        loss=total,
+        grad=grad,
+        statics={t.id: statics[("tap", t.id)] for t in model.taps},
+        acts=acts,
+        cots={t.id: eps_cots[("tap", t.id)] for t in model.taps},
+        node_statics={q.id: statics[("node", q.id)] for q in model.nodes},
+        probes=probes,
+        node_cots={q.id: eps_cots[("node", q.id)] for q in model.nodes},
+        tap_outputs=tap_outputs,
+        vjp_fn=vjp_fn,
     )

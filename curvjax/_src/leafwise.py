@@ -52,7 +52,9 @@ def _param_side(p: Pass, taps, leaf_ids):
             leaves[k] = value
         statics = p.model.static_values(p.model.merge(p.params, leaves))
         return {
-            t.id: tuple(statics[t.id][t.static_positions.index(q)] for q in t.param_positions)
+            t.id: tuple(
+                statics[("tap", t.id)][t.static_positions.index(q)] for q in t.param_positions
+            )
             for t in taps
         }
 
@@ -133,25 +135,75 @@ def sq_norms(p: Pass) -> list:
     return result
 
 
-def sum_sq(p: Pass, cols: dict) -> list:
-    """``Σ_n Σ_m g_{n,m}²`` elementwise for every float leaf, for the vectors ``cols``."""
+def sum_sq(p: Pass, cols: dict, weights=None) -> list:
+    """``Σ_n Σ_m w_{n,m} g_{n,m}²`` elementwise for every float leaf, for the vectors ``cols``.
+
+    ``weights`` ``[N, M]`` (default all ones) carries the signs of Hessian residual columns.
+    """
     fast, slow = _split_leaves(p)
     leaves = p.model.float_leaves(p.params)
+    n = p.model.num_examples
+    m = jax.tree.leaves(cols)[0].shape[1]
+    if weights is None:
+        weights = jnp.ones((n, m), p.outputs.dtype)
     result = [jnp.zeros_like(leaf) for leaf in leaves]
     for k, tap in fast.items():
-        value = bilinear.sum_sq(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
-        result[k] = _to_leaf(p, tap, k, value, batched=False)
+        form = rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id])
+        result[k] = _to_leaf(p, tap, k, bilinear.sum_sq(form, weights), batched=False)
     if slow:
         one, acts = _slow_grads_fn(p, slow)
-        m = jax.tree.leaves(cols)[0].shape[1]
 
         def squares(xs):
-            grads = jax.vmap(one)(*xs)
-            return [jnp.sum(g**2, axis=(0, 1)) for g in grads]
+            acts, cols, w = xs
+            grads = jax.vmap(one)(acts, cols)
+            return [jnp.tensordot(w, g**2, axes=([0, 1], [0, 1])) for g in grads]
 
-        chunk = chunking.chunk_size(p.model.num_examples, _slow_size(p, slow, m))
+        chunk = chunking.chunk_size(n, _slow_size(p, slow, m))
         slow_cols = {t: c for t, c in cols.items() if t in acts}
-        values = chunking.chunked_sum(squares, (acts, slow_cols), chunk)
+        values = chunking.chunked_sum(squares, (acts, slow_cols, weights), chunk)
         for k, value in zip(slow, values, strict=True):
             result[k] = value
     return result
+
+
+def outer_sum(p: Pass, cols: dict, leaf_ids: list[int]) -> list:
+    """``Σ_n Σ_m g_{n,m} g_{n,m}ᵀ`` ``[D, D]`` (flattened row-major) for each leaf in ``leaf_ids``."""
+    if not leaf_ids:
+        return []
+    one, acts = _slow_grads_fn(p, leaf_ids)
+    n = p.model.num_examples
+    m = jax.tree.leaves(cols)[0].shape[1]
+
+    def outers(xs):
+        grads = jax.vmap(one)(*xs)
+        flat = [g.reshape(-1, int(np.prod(g.shape[2:]))) for g in grads]
+        return [f.T @ f for f in flat]
+
+    chunk = chunking.chunk_size(n, _slow_size(p, leaf_ids, m))
+    slow_cols = {t: c for t, c in cols.items() if t in acts}
+    return chunking.chunked_sum(outers, (acts, slow_cols), chunk)
+
+
+def fast_taps(p: Pass) -> dict:
+    """Leaf index -> the single bilinear tap that consumes it through a relayout."""
+    return _split_leaves(p)[0]
+
+
+def canonical_index(p: Pass, tap, k: int, form) -> jax.Array:
+    """For each entry of leaf ``k`` (row-major), its position in the tap's canonical ``(G, I, O)``.
+
+    The relayout from canonical order to the leaf is a permutation; it is applied to the positions
+    themselves, split in two halves so that float32 represents them exactly.
+    """
+    g, i = form.a.shape[1], form.a.shape[3]
+    o = form.b.shape[-1]
+    size = g * i * o
+    dtype = p.outputs.dtype
+    positions = np.arange(size)
+    parts = []
+    for part in (positions // 4096, positions % 4096):
+        canon = jnp.asarray(part.reshape(g, i, o), dtype)
+        parts.append(_to_leaf(p, tap, k, form.to_param(canon), batched=False))
+    return (
+        jnp.round(parts[0]).astype(jnp.int32) * 4096 + jnp.round(parts[1]).astype(jnp.int32)
+    ).ravel()

@@ -22,6 +22,7 @@ gradient is exactly the VJP of that one equation at ``(a_n, b_n)``, whatever the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,17 +52,149 @@ _CALLS = frozenset(
         "checkpoint",
     }
 )
+# Linear in each operand separately (bilinear when two operands vary): no second derivative with
+# respect to any single operand.
+_LINEAR = frozenset(
+    {
+        *_RELAYOUT,
+        "add",
+        "add_any",
+        "sub",
+        "neg",
+        "mul",
+        "dot_general",
+        "conv_general_dilated",
+        "broadcast_in_dim",
+        "reduce_sum",
+        "slice",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "gather",
+        "scatter-add",
+        "scatter_add",
+        "concatenate",
+        "pad",
+        "select_n",
+        "rev",
+        "reduce_window_sum",
+        "cumsum",
+        "real",
+        "imag",
+        "conj",
+        "reduce_precision",
+        "sharding_constraint",
+        "optimization_barrier",
+    }
+)
+# Piecewise linear or piecewise constant: zero second derivative almost everywhere.
+_PIECEWISE = frozenset(
+    {
+        "max",
+        "min",
+        "abs",
+        "sign",
+        "floor",
+        "ceil",
+        "round",
+        "clamp",
+        "reduce_max",
+        "reduce_min",
+        "argmax",
+        "argmin",
+        "reduce_window_max",
+        "reduce_window_min",
+        "select_and_gather_add",
+        "cummax",
+        "cummin",
+        "sort",
+        "stop_gradient",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and",
+        "or",
+        "not",
+        "xor",
+        "iota",
+        "is_finite",
+        "nextafter",
+        "rem",
+    }
+)
+# Elementwise primitives with a non-zero second derivative in their activation operands: their
+# residual ``δ ⊙ ∇²op`` enters the exact Hessian (see :mod:`curvjax._src.hessian`).
+_ELEMENTWISE = frozenset(
+    {
+        "tanh",
+        "logistic",
+        "exp",
+        "exp2",
+        "log",
+        "log1p",
+        "expm1",
+        "sin",
+        "cos",
+        "tan",
+        "sqrt",
+        "rsqrt",
+        "cbrt",
+        "integer_pow",
+        "square",
+        "pow",
+        "erf",
+        "erfc",
+        "erf_inv",
+        "atan",
+        "asin",
+        "acos",
+        "sinh",
+        "cosh",
+        "asinh",
+        "acosh",
+        "atanh",
+        "atan2",
+        "mul",
+        "div",
+        "lgamma",
+        "digamma",
+    }
+)
+# Taps that are linear in their parameter input and in their activation input.
+_LINEAR_TAPS = frozenset(
+    {
+        "dot_general",
+        "conv_general_dilated",
+        "add",
+        "add_any",
+        "sub",
+        "mul",
+        "gather",
+        "select_n",
+        "concatenate",
+        "pad",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "max",
+        "min",
+    }
+)
+_KERNEL_TAPS = frozenset({"dot_general", "conv_general_dilated"})
 
 
 @dataclasses.dataclass(frozen=True)
 class _Dep:
     kind: int
-    leaves: frozenset = frozenset()
+    leaves: frozenset = frozenset()  # float leaves the value depends on
     chain_leaf: int | None = None  # set when the value is a pure relayout of this one leaf
+    linear: bool = True  # static values: linear in the leaves
+    frontier: frozenset = frozenset()  # activations: the latest kernel taps upstream
 
 
 _CONST = _Dep(STATIC_CONST)
-_ACT = _Dep(ACTIVATION)
+_INPUT = _Dep(ACTIVATION)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,6 +211,8 @@ class Tap:
       chain_leaf: when the tap has one parameter input and it is a pure relayout
         (reshape/transpose/convert) of a single leaf, that leaf's index, else ``None``.
       where: the source line that produced the equation, for messages.
+      hessian_issue: why the exact Hessian cannot treat this tap (``None`` if it can).
+      frontier: the kernel taps (dense/conv) that feed its activation input most recently.
     """
 
     id: int
@@ -88,16 +223,33 @@ class Tap:
     leaves: frozenset
     chain_leaf: int | None
     where: str
+    hessian_issue: str | None = None
+    frontier: frozenset = frozenset()
 
     @property
     def primitive(self) -> str:
         return self.eqn.primitive.name
 
-    def param_avals(self):
-        return [self.eqn.invars[p].aval for p in self.param_positions]
+    @property
+    def is_kernel(self) -> bool:
+        return self.primitive in _KERNEL_TAPS and len(self.act_positions) == 1
 
-    def float_outputs(self) -> list[bool]:
-        return [_is_float(v.aval.dtype) for v in self.eqn.outvars]
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Node:
+    """An elementwise equation between activations with a non-zero second derivative.
+
+    Attributes:
+      id: position in :attr:`TracedModel.nodes`.
+      eqn: the equation (``tanh``, ``logistic``, ``mul`` of two activations, ...).
+      act_positions: positions of its activation operands (the variables of its Hessian).
+      static_positions: the other positions (constants).
+    """
+
+    id: int
+    eqn: Any
+    act_positions: tuple[int, ...]
+    static_positions: tuple[int, ...]
 
 
 @dataclasses.dataclass
@@ -106,7 +258,7 @@ class _Plan:
 
     jaxpr: Any
     consts: Sequence[Any]
-    steps: list  # ("static" | "act" | "tap" | "nested", payload)
+    steps: list  # ("static" | "act" | "tap" | "node" | "nested", payload)
 
 
 def _is_float(dtype) -> bool:
@@ -140,7 +292,17 @@ def describe(eqn) -> str:
     return f"`{eqn.primitive.name}` at {where}"
 
 
-def _analyse(jaxpr, consts, in_deps, taps: list) -> tuple[_Plan, list]:
+@dataclasses.dataclass
+class _Found:
+    """What an analysis collects."""
+
+    taps: list
+    nodes: list
+    unsupported: list  # descriptions of operations the exact Hessian cannot treat
+    residuals: bool  # whether to look for Hessian residual nodes
+
+
+def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
     env: dict = {}
 
     def read(atom) -> _Dep:
@@ -163,25 +325,69 @@ def _analyse(jaxpr, consts, in_deps, taps: list) -> tuple[_Plan, list]:
             for var in eqn.outvars:
                 env[var] = out_dep
             continue
-        if STATIC_PARAM not in kinds:
-            steps.append(("act", None))
-            for var in eqn.outvars:
-                env[var] = _ACT
-            continue
+        leaves = frozenset().union(*(d.leaves for d in deps))
         sub = _subjaxpr(eqn) if eqn.primitive.name in _CALLS else None
+        if STATIC_PARAM not in kinds:
+            frontier = frozenset().union(*(d.frontier for d in deps))
+            step, out_deps = _activation_step(eqn, deps, sub, found)
+            steps.append(step)
+            for k, var in enumerate(eqn.outvars):
+                dep = out_deps[k] if out_deps is not None else None
+                env[var] = dep if dep is not None else _Dep(ACTIVATION, leaves, frontier=frontier)
+            continue
         if sub is not None:
-            plan, out_deps = _analyse(sub[0], sub[1], deps, taps)
+            plan, out_deps = _analyse(sub[0], sub[1], deps, found)
             steps.append(("nested", plan))
             for var, dep in zip(eqn.outvars, out_deps, strict=True):
                 env[var] = dep
             continue
-        tap = _make_tap(len(taps), eqn, deps)
-        taps.append(tap)
+        tap = _make_tap(len(found.taps), eqn, deps)
+        found.taps.append(tap)
         steps.append(("tap", tap))
+        frontier = frozenset({tap.id}) if tap.is_kernel else tap.frontier
         for var in eqn.outvars:
-            env[var] = _ACT
+            env[var] = _Dep(ACTIVATION, leaves, frontier=frontier)
     out_deps = [read(v) for v in jaxpr.outvars]
     return _Plan(jaxpr, consts, steps), out_deps
+
+
+def _activation_step(eqn, deps, sub, found: _Found):
+    """Step for an equation of activations only: bound as is, a Hessian node, or nested."""
+    if not found.residuals:
+        return ("act", None), None
+    name = eqn.primitive.name
+    acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
+    if sub is not None:
+        trial = _Found([], [], [], True)
+        _analyse(sub[0], sub[1], deps, trial)
+        if not trial.nodes and not trial.unsupported and not trial.taps:
+            return ("act", None), None
+        plan, out_deps = _analyse(sub[0], sub[1], deps, found)
+        return ("nested", plan), out_deps
+    float_acts = [i for i in acts if _is_float(eqn.invars[i].aval.dtype)]
+    if name in _PIECEWISE or not float_acts:
+        return ("act", None), None
+    if name in _LINEAR and (
+        len(float_acts) == 1 or name not in ("mul", "dot_general", "conv_general_dilated")
+    ):
+        return ("act", None), None
+    if name == "div" and float_acts == [0]:
+        return ("act", None), None  # linear in the numerator
+    if not any(deps[i].leaves for i in float_acts):
+        return ("act", None), None  # upstream of every parameter: no effect on the Hessian
+    out_shape = eqn.outvars[0].aval.shape
+    elementwise = len(eqn.outvars) == 1 and all(
+        len(eqn.invars[i].aval.shape) == len(out_shape)
+        and all(d in (1, o) for d, o in zip(eqn.invars[i].aval.shape, out_shape, strict=True))
+        for i in float_acts
+    )
+    if name in _ELEMENTWISE and elementwise:
+        statics = tuple(i for i in range(len(deps)) if i not in float_acts)
+        node = Node(len(found.nodes), eqn, tuple(float_acts), statics)
+        found.nodes.append(node)
+        return ("node", node), None
+    found.unsupported.append(describe(eqn))
+    return ("act", None), None
 
 
 def _static_dep(eqn, deps: list[_Dep]) -> _Dep:
@@ -189,15 +395,18 @@ def _static_dep(eqn, deps: list[_Dep]) -> _Dep:
     if not params:
         return _CONST
     leaves = frozenset().union(*(d.leaves for d in params))
-    chain = None
     name = eqn.primitive.name
+    linear = all(d.linear for d in params) and (name in _LINEAR or name in _PIECEWISE)
+    if name in ("mul", "dot_general", "conv_general_dilated") and len(params) > 1:
+        linear = False
+    chain = None
     if len(deps) == 1 and params[0].chain_leaf is not None:
         in_size = int(np.prod(eqn.invars[0].aval.shape))
         out_size = int(np.prod(eqn.outvars[0].aval.shape))
-        relayout = name in _RELAYOUT or (name == "broadcast_in_dim" and in_size == out_size)
+        relayout = name in _RELAYOUT or name == "broadcast_in_dim"
         if relayout and in_size == out_size:
             chain = params[0].chain_leaf
-    return _Dep(STATIC_PARAM, leaves, chain)
+    return _Dep(STATIC_PARAM, leaves, chain, linear)
 
 
 def _make_tap(index: int, eqn, deps: list[_Dep]) -> Tap:
@@ -206,11 +415,37 @@ def _make_tap(index: int, eqn, deps: list[_Dep]) -> Tap:
     params = tuple(i for i, d in enumerate(deps) if d.kind == STATIC_PARAM)
     leaves = frozenset().union(*(deps[i].leaves for i in params))
     chain = deps[params[0]].chain_leaf if len(params) == 1 else None
-    return Tap(index, eqn, acts, statics, params, leaves, chain, describe(eqn))
+    act_leaves = frozenset().union(*(deps[i].leaves for i in acts))
+    frontier = frozenset().union(*(deps[i].frontier for i in acts))
+    where = describe(eqn)
+    issue = None
+    if eqn.primitive.name not in _LINEAR_TAPS:
+        issue = f"{where} is not linear in its parameter and activation inputs"
+    elif not all(deps[i].linear for i in params):
+        issue = f"{where} consumes a parameter transformed non-linearly before use"
+    elif leaves & act_leaves:
+        issue = (
+            f"{where} consumes a parameter that also shapes its own input (e.g. tied weights); "
+            "the exact diagonal would need the cross term"
+        )
+    return Tap(index, eqn, acts, statics, params, leaves, chain, where, issue, frontier)
 
 
-def _evaluate(plan: _Plan, args, *, static_only: bool, eps=None, acts=None, statics=None):
-    """Evaluate ``plan`` (see :meth:`TracedModel.forward` / :meth:`TracedModel.static_values`)."""
+@dataclasses.dataclass
+class _Recorder:
+    """What one evaluation adds and records (see :meth:`TracedModel.forward_one`)."""
+
+    static_only: bool
+    eps: dict = dataclasses.field(default_factory=dict)  # ("tap"|"node", id) -> per-output ε
+    acts: dict = dataclasses.field(default_factory=dict)  # tap id -> activation inputs
+    statics: dict = dataclasses.field(default_factory=dict)  # ("tap"|"node", id) -> static inputs
+    probes: dict = dataclasses.field(default_factory=dict)  # node id -> activation inputs
+    outputs: dict = dataclasses.field(default_factory=dict)  # tap id -> outputs (if requested)
+    output_taps: frozenset = frozenset()
+
+
+def _evaluate(plan: _Plan, args, rec: _Recorder):
+    """Evaluate ``plan``; static-only mode skips everything that needs the inputs."""
     env: dict = {}
 
     def read(atom):
@@ -224,21 +459,31 @@ def _evaluate(plan: _Plan, args, *, static_only: bool, eps=None, acts=None, stat
         env[var] = val
 
     for eqn, (kind, payload) in zip(plan.jaxpr.eqns, plan.steps, strict=True):
-        if kind == "act" and static_only:
+        if kind in ("act", "node") and rec.static_only:
+            if kind == "node":
+                rec.statics[("node", payload.id)] = tuple(
+                    read(eqn.invars[i]) for i in payload.static_positions
+                )
             continue
         invals = [read(v) for v in eqn.invars]
         if kind == "nested":
-            outs = _evaluate(
-                payload, invals, static_only=static_only, eps=eps, acts=acts, statics=statics
-            )
-        elif kind == "tap":
-            tap = payload
-            if static_only:
-                statics[tap.id] = tuple(invals[i] for i in tap.static_positions)
+            outs = _evaluate(payload, invals, rec)
+        elif kind in ("tap", "node"):
+            key = (kind, payload.id)
+            if rec.static_only:
+                rec.statics[key] = tuple(invals[i] for i in payload.static_positions)
                 continue
-            acts[tap.id] = tuple(invals[i] for i in tap.act_positions)
+            inputs = tuple(invals[i] for i in payload.act_positions)
+            if kind == "tap":
+                rec.acts[payload.id] = inputs
+            else:
+                rec.probes[payload.id] = inputs
             outs = bind(eqn, invals)
-            outs = [o if e is None else o + e for o, e in zip(outs, eps[tap.id], strict=True)]
+            eps = rec.eps.get(key)
+            if eps is not None:
+                outs = [o if e is None else o + e for o, e in zip(outs, eps, strict=True)]
+            if kind == "tap" and payload.id in rec.output_taps:
+                rec.outputs[payload.id] = tuple(outs)
         else:
             outs = bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):
@@ -258,9 +503,11 @@ class TracedModel:
       params: the parameter pytree; floating-point leaves are differentiated, other leaves are held
         fixed (curvjax returns ``None`` for them).
       inputs: array or pytree of arrays with a common leading batch axis ``N``.
+      residuals: also find the Hessian residual nodes (elementwise non-linear operations between
+        activations), entering calls that contain them.
     """
 
-    def __init__(self, apply_fn, params, inputs):
+    def __init__(self, apply_fn, params, inputs, *, residuals: bool = False):
         leaves_with_path, self.param_tree = jax.tree_util.tree_flatten_with_path(params)
         self.leaf_names = [_leaf_name(p) for p, _ in leaves_with_path]
         leaves = [leaf for _, leaf in leaves_with_path]
@@ -297,13 +544,17 @@ class TracedModel:
                 in_deps.append(_Dep(STATIC_PARAM, frozenset({k}), k))
             else:
                 in_deps.append(_CONST)
-        in_deps += [_ACT] * len(x_leaves)
-        self.taps: list[Tap] = []
-        self.plan, out_deps = _analyse(closed.jaxpr, closed.consts, in_deps, self.taps)
+        in_deps += [_INPUT] * len(x_leaves)
+        found = _Found([], [], [], residuals)
+        self.plan, out_deps = _analyse(closed.jaxpr, closed.consts, in_deps, found)
         if out_deps[0].kind != ACTIVATION:
             raise ValueError(
                 "the model's outputs do not depend on `inputs`; nothing to do per example."
             )
+        self.taps: list[Tap] = found.taps
+        self.nodes: list[Node] = found.nodes
+        self.unsupported: list[str] = found.unsupported
+        self.output_frontier = out_deps[0].frontier
         self.taps_of_leaf: list[list[Tap]] = [[] for _ in self.float_index]
         for tap in self.taps:
             for k in tap.leaves:
@@ -330,38 +581,44 @@ class TracedModel:
         return jax.tree.unflatten(self.param_tree, leaves)
 
     # --- evaluation -------------------------------------------------------------------------
-    def static_values(self, param_leaves) -> dict[int, tuple]:
-        """Values of every tap's static inputs (parameters and constants), no inputs needed."""
-        statics: dict[int, tuple] = {}
+    def static_values(self, param_leaves) -> dict:
+        """Static inputs (parameters, constants) of every tap and node: key ``("tap", id)``."""
+        rec = _Recorder(static_only=True)
         args = list(param_leaves) + [None] * (len(self.plan.jaxpr.invars) - len(param_leaves))
-        _evaluate(self.plan, args, static_only=True, statics=statics)
-        return statics
+        _evaluate(self.plan, args, rec)
+        return rec.statics
 
-    def zero_perturbations(self, dtype_like=None) -> dict[int, tuple]:
-        """Zero ``ε`` for every float output of every tap, batched: ``[N, *out_shape]``."""
-        del dtype_like
+    def zero_perturbations(self) -> dict:
+        """Zero ``ε`` ``[N, *out_shape]`` for every float output of every tap and node."""
         n = self.num_examples
-        eps = {}
-        for tap in self.taps:
-            eps[tap.id] = tuple(
+
+        def zeros(eqn):
+            return tuple(
                 jnp.zeros((n, *v.aval.shape), v.aval.dtype) if _is_float(v.aval.dtype) else None
-                for v in tap.eqn.outvars
+                for v in eqn.outvars
             )
+
+        eps = {("tap", t.id): zeros(t.eqn) for t in self.taps}
+        eps.update({("node", q.id): zeros(q.eqn) for q in self.nodes})
         return eps
 
-    def forward_one(self, param_leaves, x_one, eps_one):
-        """One example: returns (outputs ``[C]``, activation inputs of every tap)."""
-        acts: dict[int, tuple] = {}
-        x_leaves = [a[None] for a in jax.tree.leaves(x_one)]
-        (out,) = _evaluate(
-            self.plan, list(param_leaves) + x_leaves, static_only=False, eps=eps_one, acts=acts
-        )
-        return out[0], acts
+    def forward_one(self, param_leaves, x_one, eps_one, output_taps=frozenset()):
+        """One example: ``((outputs [C], probes, tap outputs), acts)``.
 
-    def forward(self, param_leaves, inputs, eps):
-        """All examples: ``(outputs [N, C], acts)`` with acts ``[N, *shape at batch size 1]``."""
+        ``probes`` holds the activation inputs of the Hessian nodes, ``tap outputs`` the outputs of
+        the taps in ``output_taps``: both are differentiable outputs, so cotangents can be injected
+        there; ``acts`` holds the activation inputs of the taps.
+        """
+        rec = _Recorder(static_only=False, eps=eps_one, output_taps=frozenset(output_taps))
+        x_leaves = [a[None] for a in jax.tree.leaves(x_one)]
+        (out,) = _evaluate(self.plan, list(param_leaves) + x_leaves, rec)
+        return (out[0], rec.probes, rec.outputs), rec.acts
+
+    def forward(self, param_leaves, inputs, eps, output_taps=frozenset()):
+        """All examples, under ``vmap``: every result gains a leading axis ``N``."""
         x_leaves = jax.tree.leaves(inputs)
-        return jax.vmap(self.forward_one, in_axes=(None, 0, 0))(param_leaves, x_leaves, eps)
+        fn = functools.partial(self.forward_one, output_taps=output_taps)
+        return jax.vmap(fn, in_axes=(None, 0, 0))(param_leaves, x_leaves, eps)
 
 
 def _batch_size(x_leaves) -> int:

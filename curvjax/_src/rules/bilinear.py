@@ -58,18 +58,21 @@ def sq_norms(form: Form) -> jax.Array:
     return chunking.chunked_map(direct, (a, b), chunking.chunk_size(n, g * i * o))
 
 
-def sum_sq(form: Form) -> jax.Array:
-    """``Σ_n Σ_m g_{n,m}²`` elementwise: ``param.shape``."""
+def sum_sq(form: Form, weights: jax.Array | None = None) -> jax.Array:
+    """``Σ_n Σ_m w_{n,m} g_{n,m}²`` elementwise (``w = 1`` by default): ``param.shape``."""
     a, b = form.a, form.b
     n, g, t, i = a.shape
     m, o = b.shape[1], b.shape[-1]
+    if weights is None:
+        weights = jnp.ones((n, m), b.dtype)
     if t == 1:
-        b2 = jnp.sum(b[:, :, :, 0] ** 2, axis=1)  # [N, G, O]
+        b2 = jnp.einsum("nm,nmgo->ngo", weights, b[:, :, :, 0] ** 2)
         return form.to_param(jnp.einsum("ngi,ngo->gio", a[:, :, 0] ** 2, b2))
 
-    def direct(ab):
-        grads = jnp.einsum("ngti,nmgto->nmgio", *ab)
-        return jnp.sum(grads**2, axis=(0, 1))
+    def direct(abw):
+        a, b, w = abw
+        grads = jnp.einsum("ngti,nmgto->nmgio", a, b)
+        return jnp.einsum("nm,nmgio->gio", w, grads**2)
 
     chunk = chunking.chunk_size(n, m * g * i * o)
-    return form.to_param(chunking.chunked_sum(direct, (a, b), chunk))
+    return form.to_param(chunking.chunked_sum(direct, (a, b, weights), chunk))

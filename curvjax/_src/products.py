@@ -1,0 +1,177 @@
+"""Curvature-matrix products and dense curvature matrices (for small models and tests).
+
+``hvp`` is Pearlmutter's forward-over-reverse product; ``ggn_vp`` linearises the model once and
+applies ``J_nᵀ (κ H_n) J_n v`` with the loss Hessian in factored form. Both work on the whole batch,
+for any model (also ones that mix examples). Flat orders follow ``jax.flatten_util.ravel_pytree``
+on the floating-point leaves of ``params`` (in ``jax.tree.leaves`` order, each row-major).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from curvjax._src import backprop
+from curvjax._src import losses as losses_lib
+
+
+def _setup(apply_fn, params, batch, loss, reduction):
+    inputs, targets = backprop.validate_batch(batch)
+    loss_fn = losses_lib.resolve(loss)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    scale = losses_lib.reduction_scale(reduction, n)
+    leaves, tree = jax.tree.flatten(params)
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+
+    def merge(fl):
+        it = iter(fl)
+        return jax.tree.unflatten(
+            tree, [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
+        )
+
+    def outputs(fl):
+        return apply_fn(merge(fl), inputs)
+
+    def reduced(fl):
+        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(fl), targets))
+
+    def to_tree(values):
+        it = iter(values)
+        return jax.tree.unflatten(tree, [next(it) if f else None for f in is_float])
+
+    def from_tree(vector):
+        flat = tree.flatten_up_to(vector)
+        return [v for v, f in zip(flat, is_float, strict=True) if f]
+
+    return loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree
+
+
+_ARGS = """
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
+      params: parameter pytree.
+      batch: ``(inputs, targets)``.
+      vector: a pytree like ``params`` (entries at non-float leaves are ignored).
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      A pytree like ``params`` (``None`` at non-float leaves).
+"""
+
+
+def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+    _, _, _, floats, _, reduced, to_tree, from_tree = _setup(
+        apply_fn, params, batch, loss, reduction
+    )
+    return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
+
+
+hvp.__doc__ = (
+    """Hessian-vector product of the reduced loss, forward-over-reverse (Pearlmutter 1994).
+
+    .. math::
+        ∇^2 L \\, v .
+"""
+    + _ARGS
+    + """
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.hvp(apply_fn, params, batch, params)["w"].shape
+      (4, 3)
+    """
+)
+
+
+def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = _setup(
+        apply_fn, params, batch, loss, reduction
+    )
+    out, jvp_fn = jax.linearize(outputs, floats)
+    j_v = jvp_fn(from_tree(vector))
+
+    def loss_hessian_times(f, y, u):
+        s = loss_fn.hessian_factor(f, y)
+        return s @ (s.T @ u)
+
+    h_j_v = scale * jax.vmap(loss_hessian_times)(out, targets, j_v)
+    (result,) = jax.linear_transpose(jvp_fn, floats)(h_j_v.astype(out.dtype))
+    return to_tree(result)
+
+
+ggn_vp.__doc__ = (
+    """Generalised Gauss-Newton-vector product: ``J`` by ``jax.linearize``, loss Hessian, ``Jᵀ``.
+
+    .. math::
+        G v = κ \\sum_n J_n^⊤ H_n J_n v, \\qquad H_n = S_n S_n^⊤ .
+"""
+    + _ARGS
+    + """
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.ggn_vp(apply_fn, params, batch, params)["w"].shape
+      (4, 3)
+
+    References:
+      Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
+      Neural Computation 2002.
+    """
+)
+
+
+def hessian_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Dense Hessian ``[D, D]`` of the reduced loss w.r.t. the flattened float parameters.
+
+    For small models (tests, seed-001 comparisons). The flat order is that of
+    ``jax.flatten_util.ravel_pytree`` on the float leaves: ``jax.tree.leaves`` order, each
+    row-major. Built column by column with :func:`hvp` (``jax.jacfwd`` of the gradient).
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.hvp`.
+
+    Returns:
+      ``[D, D]`` symmetric matrix.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.hessian_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
+      (12, 12)
+    """
+    _, _, _, floats, _, reduced, _, _ = _setup(apply_fn, params, batch, loss, reduction)
+    flat, unravel = ravel_pytree(floats)
+    return jax.jacfwd(jax.grad(lambda v: reduced(unravel(v))))(flat)
+
+
+def ggn_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Dense GGN ``κ Σ_n J_nᵀ H_n J_n`` ``[D, D]`` (flat order as :func:`hessian_matrix`).
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.ggn_vp`.
+
+    Returns:
+      ``[D, D]`` symmetric positive semi-definite matrix.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.ggn_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
+      (12, 12)
+    """
+    loss_fn, scale, targets, floats, outputs, _, _, _ = _setup(
+        apply_fn, params, batch, loss, reduction
+    )
+    flat, unravel = ravel_pytree(floats)
+    out = outputs(floats)
+    jac = jax.jacfwd(lambda v: outputs(unravel(v)))(flat)  # [N, C, D]
+    factors = jax.vmap(loss_fn.hessian_factor)(out, targets)  # [N, C, K]
+    sj = jnp.einsum("nck,ncd->nkd", factors, jac)
+    return scale * jnp.einsum("nkd,nke->de", sj, sj)
