@@ -4,9 +4,9 @@ Each entry of :data:`CASES` is a zero-argument function building a :class:`Case`
 :func:`get_case` to build (and cache) one by name, and :func:`case_names` to select cases by tag
 (tags are static, in :data:`TAGS`, so selecting builds nothing).  Every case has batch size
 ``N = 5`` (not a power of two, so that axis mix-ups show), float64 parameters and inputs (int32
-tokens where stated) and is initialised deterministically from fixed PRNG keys.  Parameters are
-moved a little away from their initial values (``+ 0.1 * normal`` on every float leaf) so that zero
-biases and unit LayerNorm / BatchNorm scales do not hide bugs.
+tokens where stated), built deterministically: the parameter structure comes from the framework
+(``init`` under ``jax.eval_shape``), the values from numpy Generators seeded by the case name (see
+:func:`fill`), so biases are nonzero and norm scales are not 1, and zero-init does not hide bugs.
 
 ``apply_fn(params, inputs)`` returns outputs of shape ``[N, num_classes]``; ``num_classes`` is 3
 except for ``tied_embed`` (7, the vocabulary).  No model relies on implicit rank promotion.
@@ -33,9 +33,11 @@ Tags (a case may carry several):
 * ``"int_inputs"``: the inputs are int32 token ids ``[N, T]``.
 * ``"int_leaf"``: ``params`` holds non-float (int32) leaves that must be skipped.
 * ``"nested_jit"``, ``"remat"``, ``"custom_jvp"``, ``"custom_vjp"``: the jaxpr contains a nested
-  ``jit``, a ``checkpoint`` (remat), or a user-defined ``custom_jvp_call`` / ``custom_vjp_call``.
-  (``jax.nn.relu`` and ``jax.nn.softplus`` are ``custom_jvp`` functions too, so most cases contain
-  ``custom_jvp_call``, and ``jax.nn.softplus`` / ``relu`` also contain a nested ``jit``.)
+  ``jit`` equation (the primitive JAX 0.10 calls ``jit``, formerly ``pjit``), a ``remat2``
+  (``jax.checkpoint``), or a user-defined ``custom_jvp_call`` / ``custom_vjp_call``.  Untagged
+  cases have them too: ``jax.nn.relu`` is ``custom_jvp_call(jit(max))``, ``jax.nn.softplus`` is
+  ``jit(custom_jvp_call(logaddexp))``, and flax ``Embed`` does its ``gather`` inside a nested
+  ``jit`` (``jnp.take``).
 * ``"no_forward_mode"``: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) of
   ``apply_fn`` raises (``custom_vjp``); second derivatives need reverse-over-reverse.
 """
@@ -688,6 +690,10 @@ def scan_mlp(name):
 @functools.cache
 def get_case(name: str) -> Case:
     """Build the case ``name`` once and cache it (the same ``apply_fn`` object every time)."""
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "the model zoo is float64: call jax.config.update('jax_enable_x64', True) first"
+        )
     return CASES[name]()
 
 

@@ -16,15 +16,17 @@ positions, against a reference.  Flat vectors and matrices (``flatten_float``, `
 ``hessian_matrix``) use ``jax.flatten_util.ravel_pytree`` order over the float leaves only.
 
 All functions take ``(apply_fn, params, batch, loss="cross_entropy", reduction="mean")`` (the
-last two positional or keyword) with ``batch = (inputs, targets)``.  Each is wrapped in ``jax.jit``
-with ``apply_fn``, ``loss`` and ``reduction`` static (so ``apply_fn`` must be hashable; the zoo's are,
-and ``get_case`` keeps them identical between calls) and compiled with :data:`FAST_COMPILE`: eager
-op-by-op evaluation of these nested transformations is far slower on CPU than one compilation,
-and for these tiny programs XLA's CPU backend spends more time optimising than running.
-``<function>.eager`` is the unjitted version (for use inside your own ``jax.jit``; calling the
-jitted one there works too).  The cheap post-processing (statistics of per-example gradients,
-diagonals) runs in numpy when its input is concrete and in ``jnp`` when traced, so it costs no
-extra compilation.
+last two positional or keyword) with ``batch = (inputs, targets)``.  The ones that differentiate
+(``reduced_loss``, ``grad``, ``per_example_grads(_flat)``, ``output_jacobian``, ``loss_hessians``,
+``ggn_matrix``, ``hessian_matrix``) are wrapped in ``jax.jit`` with ``apply_fn``, ``loss`` and
+``reduction`` static (so ``apply_fn`` must be hashable; the zoo's are, and ``get_case`` keeps them
+identical between calls) and compiled with :data:`FAST_COMPILE`: eager op-by-op evaluation of these
+nested transformations is far slower on CPU than one compilation, and for these tiny programs
+XLA's CPU backend spends more time optimising than running.  Called on tracers (inside your own
+``jax.jit`` / ``vmap``) they are inlined instead; ``<function>.eager`` is the plain version.  The
+cheap post-processing (``batch_l2``, ``sum_grad_squared``, ``variance``, ``ggn_diag``,
+``hessian_diag``) runs in numpy when its input is concrete and in ``jnp`` when traced, so it costs
+no extra compilation; results are always ``jax.Array`` leaves.
 
 Second derivatives use reverse-over-reverse (``jacrev(jacrev)``), so ``custom_vjp`` models work.
 The references for per-example quantities evaluate ``apply_fn`` on one example at a time

@@ -182,7 +182,7 @@ def kfra_of(p: backprop.Pass, cols=None) -> list:
     for below, above in zip(kernels[-2::-1], kernels[:0:-1], strict=True):
         b_above = b_bar[above.id][0]  # [O, O], G = 1
         eigvals, eigvecs = jnp.linalg.eigh(b_above)
-        root = eigvecs * jnp.sqrt(jnp.clip(eigvals, 0.0))  # B̄ = R Rᵀ, columns of R
+        root = eigvecs * jnp.sqrt(jnp.clip(eigvals, 0.0))[None, :]  # B̄ = R Rᵀ, columns of R
         out_shape = p.tap_outputs[above.id][0].shape[1:]
         columns = jnp.broadcast_to(root.T.reshape(-1, *out_shape), (n, root.shape[1], *out_shape))
         out_cols = jnp.zeros((n, root.shape[1], p.outputs.shape[1]), p.outputs.dtype)
