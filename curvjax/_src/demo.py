@@ -194,6 +194,36 @@ def summarize_extract(result: dict) -> str:
     return f"loss = {float(result['loss']):.4f}; keys: {keys}"
 
 
+def summarize_trace(diagonal: Any) -> str:
+    """Trace of a curvature diagonal (sum over every parameter entry)."""
+    return f"trace = {_total(diagonal):.4e}"
+
+
+def _is_block(x: Any) -> bool:
+    return isinstance(x, curvjax.KroneckerBlock | curvjax.DenseBlock | curvjax.DiagonalBlock)
+
+
+def summarize_blocks(blocks: Any) -> str:
+    """Trace of the block-diagonal approximation: tr(A) tr(B) for each Kronecker block."""
+    total, kron = 0.0, 0
+    for blk in jax.tree.leaves(blocks, is_leaf=_is_block):
+        if isinstance(blk, curvjax.KroneckerBlock):
+            kron += 1
+            a_trace = jnp.trace(blk.a, axis1=1, axis2=2)
+            b_trace = jnp.trace(blk.b, axis1=1, axis2=2)
+            total += float(jnp.sum(a_trace * b_trace))
+        elif isinstance(blk, curvjax.DenseBlock):
+            total += float(jnp.trace(blk.matrix))
+        else:
+            total += float(jnp.sum(blk.diagonal))
+    return f"{kron} Kronecker blocks, trace = {total:.4e}"
+
+
+def summarize_hvp(product: Any) -> str:
+    """``θᵀ ∇²L θ`` is not available from the product alone; print its norm."""
+    return f"norm(H theta) = {optax.global_norm(product):.4e}"
+
+
 # --------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------
@@ -240,6 +270,27 @@ QUANTITIES: list[Quantity] = [
     ),
     Quantity("variance", "variance", lambda f, p, b: curvjax.variance(f, p, b), summarize_variance),
     Quantity("extract (all first-order)", "extract", _extract_first_order, summarize_extract),
+    Quantity("ggn_diag", "ggn_diag", lambda f, p, b: curvjax.ggn_diag(f, p, b), summarize_trace),
+    Quantity(
+        "ggn_diag_mc",
+        "ggn_diag_mc",
+        lambda f, p, b: curvjax.ggn_diag_mc(f, p, b, key=jax.random.key(0)),
+        summarize_trace,
+    ),
+    Quantity(
+        "hessian_diag",
+        "hessian_diag",
+        lambda f, p, b: curvjax.hessian_diag(f, p, b),
+        summarize_trace,
+    ),
+    Quantity(
+        "kfac",
+        "kfac",
+        lambda f, p, b: curvjax.kfac(f, p, b, key=jax.random.key(0)),
+        summarize_blocks,
+    ),
+    Quantity("kflr", "kflr", lambda f, p, b: curvjax.kflr(f, p, b), summarize_blocks),
+    Quantity("hvp", "hvp", lambda f, p, b: curvjax.hvp(f, p, b, p), summarize_hvp),
 ]
 """Every row of the demo's table, in order. Append a :class:`Quantity` to add one."""
 
