@@ -1,4 +1,6 @@
-"""First-order quantities on every model of the zoo against vmap(grad) references (float64)."""
+"""First-order API: the public functions, retracing and input validation.
+
+Exactness on every model of the zoo is in test_exactness.py."""
 
 import chex
 import jax
@@ -12,27 +14,6 @@ from helpers import assert_tree_close
 import curvjax
 
 FIRST_ORDER = ["per_example_grads", "batch_l2", "sum_grad_squared", "variance"]
-PER_EXAMPLE_CASES = [name for name, tags in models.TAGS.items() if "mixes_examples" not in tags]
-# Both losses and both reductions on every case would double the compile time (the suite runs on
-# 2 cores in CI): every case runs with one pairing, a varied subset with the other too.
-PAIRINGS = [("cross_entropy", "mean"), ("mse", "sum")]
-SECOND_PAIRING = {
-    "mlp_tanh",
-    "cnn_grouped",
-    "conv1d",
-    "attention",
-    "tied_embed",
-    "equinox_conv",
-    "plain_with_int_leaf",
-    "scan_mlp",
-    "layernorm_mlp",
-    "nnx_mlp",
-}
-CASE_PAIRINGS = [
-    (name, loss, reduction)
-    for name in PER_EXAMPLE_CASES
-    for loss, reduction in PAIRINGS[: 2 if name in SECOND_PAIRING else 1]
-]
 
 
 def _extract(case, batch, loss, reduction):
@@ -43,29 +24,6 @@ def _extract(case, batch, loss, reduction):
         compiler_options=reference.FAST_COMPILE,
     )
     return fn(case.params, batch)
-
-
-def _references(case, batch, loss, reduction):
-    pe = reference.per_example_grads(case.apply_fn, case.params, batch, loss, reduction)
-    return {
-        "loss": reference.reduced_loss(case.apply_fn, case.params, batch, loss, reduction),
-        "grad": reference.grad(case.apply_fn, case.params, batch, loss, reduction),
-        "per_example_grads": pe,
-        "batch_l2": jax.tree.map(lambda a: jnp.sum(a.reshape(a.shape[0], -1) ** 2, 1), pe),
-        "sum_grad_squared": jax.tree.map(lambda a: jnp.sum(a**2, 0), pe),
-        "variance": jax.tree.map(lambda a: jnp.mean(a**2, 0) - jnp.mean(a, 0) ** 2, pe),
-    }
-
-
-@pytest.mark.parametrize("name,loss,reduction", CASE_PAIRINGS)
-def test_extract_matches_vmap_grad(name, loss, reduction):
-    case = models.get_case(name)
-    batch = models.make_batch(case, loss)
-    got = _extract(case, batch, loss, reduction)
-    want = _references(case, batch, loss, reduction)
-    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-12)
-    for key in ["grad", *FIRST_ORDER]:
-        assert_tree_close(got[key], want[key], case.params, what=f"{name}/{key}")
 
 
 def test_public_functions_equal_extract_and_do_not_retrace():

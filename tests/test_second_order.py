@@ -11,23 +11,6 @@ from helpers import assert_tree_close
 import curvjax
 
 FAST = reference.FAST_COMPILE
-PER_EXAMPLE_CASES = [name for name, tags in models.TAGS.items() if "mixes_examples" not in tags]
-SECOND_PAIRING = {
-    "mlp_tanh",
-    "cnn_grouped",
-    "conv1d",
-    "tied_embed",
-    "equinox_conv",
-    "scan_mlp",
-    "layernorm_mlp",
-}
-CASE_PAIRINGS = [
-    (name, loss, reduction)
-    for name in PER_EXAMPLE_CASES
-    for loss, reduction in [("cross_entropy", "mean"), ("mse", "sum")][
-        : 2 if name in SECOND_PAIRING else 1
-    ]
-]
 HESSIAN_CASES = [
     "mlp_tanh",
     "mlp_sigmoid",
@@ -46,17 +29,6 @@ HESSIAN_CASES = [
 
 def _jit(fn):
     return jax.jit(fn, compiler_options=FAST)
-
-
-@pytest.mark.parametrize("name,loss,reduction", CASE_PAIRINGS)
-def test_ggn_diag_matches_dense_ggn(name, loss, reduction):
-    case = models.get_case(name)
-    batch = models.make_batch(case, loss)
-    got = _jit(lambda p, b: curvjax.ggn_diag(case.apply_fn, p, b, loss=loss, reduction=reduction))(
-        case.params, batch
-    )
-    want = reference.ggn_diag(case.apply_fn, case.params, batch, loss, reduction)
-    assert_tree_close(got, want, case.params, what=f"{name}/ggn_diag")
 
 
 @pytest.mark.parametrize("name", HESSIAN_CASES)
