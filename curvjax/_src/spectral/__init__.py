@@ -1,0 +1,1 @@
+"""Hessian spectra: matrix-free operators, Krylov eigensolvers, trace and density estimators."""

@@ -1,0 +1,261 @@
+"""Matrix-free linear operators over the flattened floating-point parameters.
+
+An operator acts on flat vectors ``[D]`` in the order of ``jax.flatten_util.ravel_pytree`` on the
+float leaves of ``params`` (``jax.tree.leaves`` order, each row-major) -- the order of
+:func:`curvjax.hessian_matrix` -- and converts to and from params-shaped pytrees with ``to_tree`` /
+``from_tree``. Curvature operators linearise the model once (``jax.linearize``), so each product
+re-uses the forward pass. Structured approximations (diagonals, Kronecker blocks) also know their
+exact eigenvalues and trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from curvjax._src import backprop, kronecker
+from curvjax._src import losses as losses_lib
+
+
+class LinearOperator(NamedTuple):
+    """A symmetric ``[D, D]`` operator given by its product with flat vectors.
+
+    Attributes:
+      matvec: ``[D] -> [D]`` (vmappable).
+      size: ``D``.
+      dtype: the dtype of the vectors.
+      to_tree: ``[D] ->`` params-shaped pytree (``None`` at non-float leaves).
+      from_tree: params-shaped pytree ``-> [D]``.
+      eigenvalues: for structured approximations, a function returning all ``D`` exact eigenvalues
+        in ascending order; ``None`` for matrix-free curvature.
+      trace: for structured approximations, a function returning the exact trace; else ``None``.
+    """
+
+    matvec: Callable[[jax.Array], jax.Array]
+    size: int
+    dtype: Any
+    to_tree: Callable[[jax.Array], Any]
+    from_tree: Callable[[Any], jax.Array]
+    eigenvalues: Callable[[], jax.Array] | None = None
+    trace: Callable[[], jax.Array] | None = None
+
+    def dense(self) -> jax.Array:
+        """The ``[D, D]`` matrix, column by column (small operators only)."""
+        return jax.vmap(self.matvec)(jnp.eye(self.size, dtype=self.dtype)).T
+
+
+def _flattening(params):
+    leaves, tree = jax.tree.flatten(params)
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+    flat, unravel = ravel_pytree(floats)
+
+    def merge(fl):
+        it = iter(fl)
+        return jax.tree.unflatten(
+            tree, [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
+        )
+
+    def to_tree(v):
+        it = iter(unravel(v))
+        return jax.tree.unflatten(tree, [next(it) if f else None for f in is_float])
+
+    def from_tree(t):
+        flat_t = tree.flatten_up_to(t)
+        return ravel_pytree([x for x, f in zip(flat_t, is_float, strict=True) if f])[0]
+
+    return floats, flat, unravel, merge, to_tree, from_tree
+
+
+def _model(apply_fn, params, batch, loss, reduction):
+    inputs, targets = backprop.validate_batch(batch)
+    loss_fn = losses_lib.resolve(loss)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    scale = losses_lib.reduction_scale(reduction, n)
+    floats, flat, unravel, merge, to_tree, from_tree = _flattening(params)
+
+    def outputs(v):
+        return apply_fn(merge(unravel(v)), inputs)
+
+    return loss_fn, scale, targets, flat, outputs, to_tree, from_tree
+
+
+def hessian_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """``v ↦ ∇²L v`` by forward-over-reverse differentiation, linearised once.
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.hvp`.
+
+    Returns:
+      A :class:`LinearOperator`.
+    """
+    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
+        apply_fn, params, batch, loss, reduction
+    )
+
+    def reduced(v):
+        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(v), targets))
+
+    _, matvec = jax.linearize(jax.grad(reduced), flat)
+    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+
+
+def _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree):
+    out, jvp_fn = jax.linearize(outputs, flat)
+    transpose = jax.linear_transpose(jvp_fn, flat)
+    factors = factors.astype(out.dtype)
+
+    def matvec(v):
+        j_v = jvp_fn(v)  # [N, C]
+        h_j_v = scale * jnp.einsum("nck,ndk,nd->nc", factors, factors, j_v)
+        return transpose(h_j_v)[0]
+
+    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+
+
+def ggn_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """``v ↦ G v = κ Σ_n J_nᵀ S_n S_nᵀ J_n v`` (model linearised once).
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.ggn_vp`.
+
+    Returns:
+      A :class:`LinearOperator`.
+    """
+    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
+        apply_fn, params, batch, loss, reduction
+    )
+    factors = jax.vmap(loss_fn.hessian_factor)(outputs(flat), targets)
+    return _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree)
+
+
+def fisher_operator(
+    apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"
+):
+    """Monte-Carlo Fisher ``κ Σ_n J_nᵀ S̃_n S̃_nᵀ J_n`` with labels sampled from the model once.
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.ggn_vp`.
+      key: PRNG key for ``ŷ ~ p(y | f_n)``.
+      mc_samples: sampled labels per example.
+
+    Returns:
+      A :class:`LinearOperator` (fixed samples: a symmetric PSD matrix).
+    """
+    loss_fn, scale, _, flat, outputs, to_tree, from_tree = _model(
+        apply_fn, params, batch, loss, reduction
+    )
+    out = outputs(flat)
+    keys = jax.random.split(key, out.shape[0])
+    factors = jax.vmap(lambda k, f: loss_fn.mc_factor(k, f, mc_samples))(keys, out)
+    return _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree)
+
+
+def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Empirical Fisher ``κ Σ_n ∇ℓ_n ∇ℓ_nᵀ`` of the batch (per-example losses linearised once).
+
+    Args:
+      apply_fn, params, batch, loss, reduction: as for :func:`curvjax.ggn_vp`.
+
+    Returns:
+      A :class:`LinearOperator`.
+    """
+    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
+        apply_fn, params, batch, loss, reduction
+    )
+
+    def per_example(v):
+        return jax.vmap(loss_fn.value)(outputs(v), targets)
+
+    _, jvp_fn = jax.linearize(per_example, flat)
+    transpose = jax.linear_transpose(jvp_fn, flat)
+
+    def matvec(v):
+        return transpose(scale * jvp_fn(v))[0]
+
+    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+
+
+def diagonal_operator(diagonal, params):
+    """The diagonal matrix of a params-shaped ``diagonal`` (e.g. :func:`curvjax.ggn_diag`).
+
+    Its eigenvalues are the entries, its trace their sum.
+    """
+    _, _, _, _, to_tree, from_tree = _flattening(params)
+    d = from_tree(diagonal)
+    return LinearOperator(
+        lambda v: d * v,
+        d.size,
+        d.dtype,
+        to_tree,
+        from_tree,
+        eigenvalues=lambda: jnp.sort(d),
+        trace=lambda: jnp.sum(d),
+    )
+
+
+def _is_block(x) -> bool:
+    return isinstance(x, kronecker.KroneckerBlock | kronecker.DenseBlock | kronecker.DiagonalBlock)
+
+
+def _block_matvec(block, v):
+    if isinstance(block, kronecker.DiagonalBlock):
+        return block.diagonal.ravel() * v
+    if isinstance(block, kronecker.DenseBlock):
+        return block.matrix @ v
+    g, i, o = block.a.shape[0], block.a.shape[1], block.b.shape[1]
+    canon = jnp.zeros_like(v).at[block.index].set(v).reshape(g, i, o)
+    out = jnp.einsum("gij,gjo,gpo->gip", block.a, canon, block.b)
+    return out.ravel()[block.index]
+
+
+def _block_eigenvalues(block):
+    if isinstance(block, kronecker.DiagonalBlock):
+        return block.diagonal.ravel()
+    if isinstance(block, kronecker.DenseBlock):
+        return jnp.linalg.eigvalsh(block.matrix)
+    ea, eb = jnp.linalg.eigvalsh(block.a), jnp.linalg.eigvalsh(block.b)  # [G, I], [G, O]
+    return jnp.einsum("gi,go->gio", ea, eb).ravel()
+
+
+def _block_trace(block):
+    if isinstance(block, kronecker.DiagonalBlock):
+        return jnp.sum(block.diagonal)
+    if isinstance(block, kronecker.DenseBlock):
+        return jnp.trace(block.matrix)
+    return jnp.sum(jnp.trace(block.a, axis1=1, axis2=2) * jnp.trace(block.b, axis1=1, axis2=2))
+
+
+def blocks_operator(blocks, params):
+    """The block-diagonal matrix of a params-shaped tree of blocks (:func:`curvjax.kfac`, …).
+
+    Exact eigenvalues: per Kronecker block the products ``λ_i(A_g) λ_o(B_g)``, per dense block
+    its eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
+    """
+    _, flat, _, _, to_tree, from_tree = _flattening(params)
+    block_list = jax.tree.leaves(blocks, is_leaf=_is_block)
+    sizes = [int(jnp.size(x)) for x in jax.tree.leaves(_flattening(params)[0])]
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+
+    def matvec(v):
+        parts = [
+            _block_matvec(b, v[start:stop])
+            for b, start, stop in zip(block_list, offsets[:-1], offsets[1:], strict=True)
+        ]
+        return jnp.concatenate(parts)
+
+    return LinearOperator(
+        matvec,
+        flat.size,
+        flat.dtype,
+        to_tree,
+        from_tree,
+        eigenvalues=lambda: jnp.sort(jnp.concatenate([_block_eigenvalues(b) for b in block_list])),
+        trace=lambda: sum(_block_trace(b) for b in block_list),
+    )

@@ -1,0 +1,177 @@
+"""Spectra: operators against dense matrices, Krylov invariants, estimators in expectation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+from sklearn.datasets import load_digits
+
+import curvjax
+from curvjax import spectral
+
+FAST = reference.FAST_COMPILE
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    """A 64-32-10 tanh MLP (2,410 parameters) trained 150 Adam steps on digits, float64."""
+    data = load_digits()
+    x = jnp.asarray(data.data[:256] / 16.0, jnp.float64)
+    y = jnp.asarray(data.target[:256], jnp.int32)
+    model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(10)])
+    params = jax.tree.map(
+        lambda a: a.astype(jnp.float64), model.init(jax.random.key(0, impl="rbg"), x[:1])
+    )
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            p, s = carry
+            g = jax.grad(lambda q: reference.reduced_loss(model.apply, q, (x, y)))(p)
+            u, s = opt.update(g, s)
+            return (optax.apply_updates(p, u), s), None
+
+        return jax.lax.scan(step, (params, opt.init(params)), None, length=150)[0][0]
+
+    params = train(params)
+    hess = np.asarray(reference.hessian_matrix(model.apply, params, (x, y)))
+    return model.apply, params, (x, y), hess
+
+
+def test_hessian_operator_and_lanczos_top_10(digits_mlp):
+    apply_fn, params, batch, hess = digits_mlp
+    assert hess.shape == (2410, 2410)
+    exact = np.linalg.eigvalsh(hess)[::-1][:10]
+
+    @jax.jit
+    def run(params, batch, key):
+        op = spectral.hessian_operator(apply_fn, params, batch)
+        top = spectral.top_eigenpairs(op, 10, key=key, max_matvecs=300, tol=1e-8)
+        return top, op.matvec(top.eigenvectors[0])
+
+    top, hv = run(params, batch, jax.random.key(0))
+    np.testing.assert_allclose(top.eigenvalues, exact, rtol=1e-6)
+    assert int(top.num_matvecs) < 300
+    np.testing.assert_allclose(hv, top.eigenvalues[0] * top.eigenvectors[0], atol=1e-6 * exact[0])
+    pw = jax.jit(
+        lambda p, b, k: spectral.top_eigenpairs(
+            spectral.hessian_operator(apply_fn, p, b), 3, key=k, method="power"
+        )
+    )(params, batch, jax.random.key(1))
+    magnitudes = np.sort(np.abs(np.linalg.eigvalsh(hess)))[::-1][:3]
+    np.testing.assert_allclose(np.abs(pw.eigenvalues[0]), magnitudes[0], rtol=1e-2)
+    assert int(pw.num_matvecs) > int(top.num_matvecs) / 10  # sanity: counts are counted
+
+
+def test_lanczos_invariants():
+    rng = np.random.default_rng(0)
+    u, _ = np.linalg.qr(rng.normal(size=(60, 60)))
+    a = jnp.asarray(u @ np.diag(np.linspace(-1.0, 5.0, 60) ** 3) @ u.T)
+    tri = jax.jit(lambda s: spectral.lanczos_tridiagonal(lambda v: a @ v, s, 25))(
+        jnp.asarray(rng.normal(size=60))
+    )
+    q = np.asarray(tri.basis)
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(q @ q.T, np.eye(25), atol=100 * eps * 60)
+    t = np.asarray(tri.matrix())
+    residual = np.asarray(a) @ q.T - q.T @ t  # = β_m q_{m+1} e_mᵀ: only the last column
+    np.testing.assert_allclose(residual[:, :-1], 0.0, atol=1e3 * eps * np.abs(t).max())
+    np.testing.assert_allclose(np.linalg.norm(residual[:, -1]), tri.offdiag[-1], rtol=1e-8)
+
+
+def test_curvature_operators_match_dense_matrices():
+    import models
+
+    case = models.get_case("cnn_tanh")
+    batch = models.make_batch(case, "cross_entropy")
+    hess = reference.hessian_matrix(case.apply_fn, case.params, batch)
+    ggn = reference.ggn_matrix(case.apply_fn, case.params, batch)
+    pe = reference.per_example_grads_flat(case.apply_fn, case.params, batch)  # g_n rows, κ = 1/N
+    n = pe.shape[0]
+    emp = n * pe.T @ pe  # κ Σ ∇ℓ ∇ℓᵀ = (1/κ) Σ g gᵀ
+
+    @jax.jit
+    def dense(params, batch):
+        return [
+            op.dense()
+            for op in (
+                spectral.hessian_operator(case.apply_fn, params, batch),
+                spectral.ggn_operator(case.apply_fn, params, batch),
+                spectral.empirical_fisher_operator(case.apply_fn, params, batch),
+            )
+        ]
+
+    for got, want in zip(dense(case.params, batch), (hess, ggn, emp), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    # Monte-Carlo Fisher: unbiased for the GGN (mean over keys within 5 standard errors).
+    keys = jax.random.split(jax.random.key(2), 400)
+    fishers = jax.jit(
+        jax.vmap(
+            lambda k: spectral.fisher_operator(case.apply_fn, case.params, batch, key=k).dense()
+        ),
+        compiler_options=FAST,
+    )(keys)
+    mean, stderr = fishers.mean(0), fishers.std(0) / np.sqrt(400)
+    assert np.all(np.abs(mean - ggn) <= 5 * stderr + 1e-12 * np.abs(ggn).max())
+
+
+def test_structured_operators_exact_spectrum_and_trace():
+    import models
+
+    case = models.get_case("cnn_valid")
+    batch = models.make_batch(case, "cross_entropy")
+    kflr = curvjax.kflr(case.apply_fn, case.params, batch)
+    diag = curvjax.ggn_diag(case.apply_fn, case.params, batch)
+    pairs = [
+        (spectral.blocks_operator(kflr, case.params), np.asarray(curvjax.blocks_to_dense(kflr))),
+        (spectral.diagonal_operator(diag, case.params), np.diag(reference.flatten_float(diag)[0])),
+    ]
+    for op, dense in pairs:
+        np.testing.assert_allclose(op.dense(), dense, atol=1e-13 * np.abs(dense).max())
+        np.testing.assert_allclose(
+            op.eigenvalues(), np.linalg.eigvalsh(dense), atol=1e-10 * np.abs(dense).max()
+        )
+        np.testing.assert_allclose(spectral.trace(op, method="exact"), np.trace(dense), rtol=1e-10)
+
+
+def test_trace_estimators_are_unbiased_and_hutchpp_beats_hutchinson(digits_mlp):
+    apply_fn, params, batch, hess = digits_mlp
+    exact = np.trace(hess)
+
+    @jax.jit
+    def estimates(keys):
+        op = spectral.ggn_operator(apply_fn, params, batch)  # PSD with a decaying spectrum
+        one = lambda k, m: spectral.trace(op, key=k, method=m, num_matvecs=30)  # noqa: E731
+        return (
+            jax.vmap(lambda k: one(k, "hutchinson"))(keys),
+            jax.vmap(lambda k: one(k, "hutchpp"))(keys),
+            jnp.trace(op.dense()),
+        )
+
+    hutch, hpp, ggn_trace = estimates(jax.random.split(jax.random.key(4), 200))
+    for est in (hutch, hpp):
+        assert abs(est.mean() - ggn_trace) <= 5 * est.std() / np.sqrt(len(est))
+    assert np.mean(np.abs(hpp - ggn_trace)) < np.mean(np.abs(hutch - ggn_trace))
+    assert exact > 0
+
+
+def test_density_integrates_to_one_and_covers_the_spectrum(digits_mlp, capsys):
+    apply_fn, params, batch, hess = digits_mlp
+    eig = np.linalg.eigvalsh(hess)
+    operator = spectral.hessian_operator(apply_fn, params, batch)
+    grid, dens = spectral.density(
+        operator,
+        key=jax.random.key(5),
+        num_probes=4,
+        num_steps=60,
+        probes_per_call=2,
+        progress=True,
+    )
+    assert np.isclose(np.trapezoid(dens, grid), 1.0, atol=1e-6)
+    assert np.all(dens >= 0)
+    assert grid[0] <= eig[0] and grid[-1] >= eig[-1]
+    assert "4/4 probes" in capsys.readouterr().err
