@@ -61,6 +61,10 @@ SHARDED = textwrap.dedent(
     sharded = fn(params, (xs, ys))
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-14)
+    from curvjax import spectral
+    top = jax.jit(lambda p, b: spectral.top_eigenpairs(
+        spectral.hessian_operator(model.apply, p, b), 2, key=jax.random.key(0)).eigenvalues)
+    np.testing.assert_allclose(top(params, (x, y)), top(params, (xs, ys)), rtol=1e-8)
     print("SHARDED-OK")
     """
 )
