@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from curvjax._src import chunking, mixing
 from curvjax._src import losses as losses_lib
-from curvjax._src import mixing
 from curvjax._src import taps as taps_lib
 
 
@@ -60,6 +60,40 @@ class Pass(NamedTuple):
     def columns_of_gradient(self) -> dict:
         """:attr:`cots` with a column axis of size one: tap id -> ``[N, 1, *shape]``."""
         return jax.tree.map(lambda c: c[:, None], self.cots)
+
+    def reduce_columns(self, fn, columns, *, weights=None, probe_columns=None, output_columns=None):
+        """``Σ_chunks fn(tap cotangents, weights)`` over chunks of the ``M`` vectors.
+
+        Backpropagating all ``M`` vectors at once holds ``M`` copies of every intermediate
+        cotangent; ``fn`` must be additive over vectors (sums of squares, outer products), so the
+        vectors are backpropagated a chunk at a time (zero vectors pad the last chunk).
+
+        Args:
+          fn: ``(tap id -> [N, m, *shape], weights [N, m]) -> pytree``, additive over vectors.
+          columns: ``[N, M, C]`` output cotangents.
+          weights: ``[N, M]`` (default ones), passed through to ``fn``.
+          probe_columns, output_columns: as for :meth:`backpropagate`.
+        """
+        n, m = columns.shape[:2]
+        weights = jnp.ones((n, m), columns.dtype) if weights is None else weights
+        extra = (probe_columns, output_columns)
+        per_vector = n * (_size(self.cots) + _size(self.probes) + _size(self.tap_outputs))
+        chunk = chunking.chunk_size(m, per_vector, budget=chunking.COLUMN_BUDGET)
+
+        def one(xs):
+            cols, w, (probes, outputs) = xs
+            cots = self.backpropagate(cols, probes, outputs)
+            return fn(cots, w)
+
+        xs = (columns, weights, extra)
+        moved = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # vectors first
+        return chunking.chunked_sum(
+            lambda ys: one(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)), moved, chunk
+        )
+
+
+def _size(tree) -> int:
+    return sum(int(np.prod(a.shape[1:])) for a in jax.tree.leaves(tree))
 
 
 def _columns_first(tree):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BUDGET = 1 << 22  # elements held at once per chunk (16 MiB in float32)
+BUDGET = 1 << 22  # elements held at once per chunk of examples (16 MiB in float32)
+COLUMN_BUDGET = 1 << 25  # elements of cotangents held per chunk of backpropagated vectors
 
 
-def chunk_size(num_examples: int, per_example_size: int) -> int:
-    """Examples per chunk so that ``chunk × per_example_size ≲ BUDGET``."""
-    return max(1, min(num_examples, BUDGET // max(1, per_example_size)))
+def chunk_size(num_rows: int, per_row_size: int, budget: int = BUDGET) -> int:
+    """Rows per chunk so that ``chunk × per_row_size ≲ budget``."""
+    return max(1, min(num_rows, budget // max(1, per_row_size)))
 
 
 def _split(xs, chunk: int):
@@ -41,12 +42,12 @@ def chunked_sum(fn, xs, chunk: int):
         return fn(xs)
     chunks, _, _ = _split(xs, chunk)
     first = jax.tree.map(lambda x: x[0], chunks)
-    rest = jax.tree.map(lambda x: x[1:], chunks)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
 
     def body(total, x):
         return jax.tree.map(jnp.add, total, fn(x)), None
 
-    total, _ = jax.lax.scan(body, fn(first), rest)
+    total, _ = jax.lax.scan(body, zeros, chunks)
     return total
 
 

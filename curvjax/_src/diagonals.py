@@ -28,14 +28,6 @@ def mc_columns(p: backprop.Pass, key, mc_samples: int) -> jax.Array:
     return jnp.sqrt(p.scale) * jnp.swapaxes(factors, 1, 2).astype(p.outputs.dtype)
 
 
-def ggn_diag_of(p: backprop.Pass) -> list:
-    return leafwise.sum_sq(p, p.backpropagate(ggn_columns(p)))
-
-
-def ggn_diag_mc_of(p: backprop.Pass, key, mc_samples: int) -> list:
-    return leafwise.sum_sq(p, p.backpropagate(mc_columns(p, key, mc_samples)))
-
-
 # --- exact Hessian diagonal -----------------------------------------------------------------
 
 
@@ -131,7 +123,9 @@ def hessian_diag_of(p: backprop.Pass) -> list:
     columns = jnp.concatenate(out_parts, axis=1)
     probes = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *probe_parts)
     weights = jnp.concatenate(weight_parts, axis=1)
-    return leafwise.sum_sq(p, p.backpropagate(columns, probe_columns=probes), weights)
+    return p.reduce_columns(
+        lambda c, w: leafwise.sum_sq(p, c, w), columns, weights=weights, probe_columns=probes
+    )
 
 
 def hutchinson_diag(apply_fn, params, batch, *, loss, reduction, key, mc_samples):

@@ -19,9 +19,26 @@ NEEDS_KEY = ("ggn_diag_mc", "kfac")
 class _Quantities:
     """Lazily computed quantities of one pass, each (and each set of vectors) at most once."""
 
-    def __init__(self, p: backprop.Pass, key, mc_samples):
+    def __init__(self, p: backprop.Pass, key, mc_samples, requested):
         self.p, self.key, self.mc_samples = p, key, mc_samples
+        self.requested = frozenset(requested)
         self.cache: dict = {}
+
+    def column_parts(self, columns, diagonal: str, kronecker_names) -> dict:
+        """One pass over a set of vectors serving every quantity that needs it."""
+        want_diag = diagonal in self.requested
+        want_kron = bool(self.requested & set(kronecker_names))
+        p = self.p
+
+        def fn(cols, weights):
+            out = {}
+            if want_diag:
+                out["diag"] = leafwise.sum_sq(p, cols, weights)
+            if want_kron:
+                out["kron"] = kronecker.additive_parts(p, cols)
+            return out
+
+        return p.reduce_columns(fn, columns)
 
     def get(self, name: str):
         if name not in self.cache:
@@ -36,14 +53,18 @@ _RULES = {
     "variance": lambda q: first_order.variance_from(
         q.get("sum_grad_squared"), q.p.grad, q.p.model.num_examples
     ),
-    "exact_columns": lambda q: q.p.backpropagate(diagonals.ggn_columns(q.p)),
-    "mc_columns": lambda q: q.p.backpropagate(diagonals.mc_columns(q.p, q.key, q.mc_samples)),
-    "ggn_diag": lambda q: leafwise.sum_sq(q.p, q.get("exact_columns")),
-    "ggn_diag_mc": lambda q: leafwise.sum_sq(q.p, q.get("mc_columns")),
+    "exact_parts": lambda q: q.column_parts(
+        diagonals.ggn_columns(q.p), "ggn_diag", ("kflr", "kfra")
+    ),
+    "mc_parts": lambda q: q.column_parts(
+        diagonals.mc_columns(q.p, q.key, q.mc_samples), "ggn_diag_mc", ("kfac",)
+    ),
+    "ggn_diag": lambda q: q.get("exact_parts")["diag"],
+    "ggn_diag_mc": lambda q: q.get("mc_parts")["diag"],
     "hessian_diag": lambda q: diagonals.hessian_diag_of(q.p),
-    "kflr": lambda q: kronecker.blocks(q.p, q.get("exact_columns")),
-    "kfac": lambda q: kronecker.blocks(q.p, q.get("mc_columns")),
-    "kfra": lambda q: kronecker.kfra_of(q.p, q.get("exact_columns")),
+    "kflr": lambda q: kronecker.assemble(q.p, q.get("exact_parts")["kron"]),
+    "kfac": lambda q: kronecker.assemble(q.p, q.get("mc_parts")["kron"]),
+    "kfra": lambda q: kronecker.kfra_of(q.p, q.get("exact_parts")["kron"]),
 }
 
 QUANTITIES = FIRST_ORDER + SECOND_ORDER
@@ -80,7 +101,7 @@ def compute(apply_fn, params, batch, quantities, *, loss, reduction, key=None, m
             "pass `key=jax.random.key(...)`."
         )
     p = run_pass(apply_fn, params, batch, quantities, loss=loss, reduction=reduction)
-    q = _Quantities(p, key, mc_samples)
+    q = _Quantities(p, key, mc_samples, quantities)
     return p, {name: q.get(name) for name in quantities}
 
 

@@ -92,48 +92,54 @@ def blocks_to_dense(blocks) -> jax.Array:
     return jax.scipy.linalg.block_diag(*mats)
 
 
-def _kernel_factors(form, n: int):
+def _input_factor(form, n: int):
     t = form.a.shape[2]
-    a = jnp.einsum("ngti,ngtj->gij", form.a, form.a) / (n * t)
-    b = jnp.einsum("nmgto,nmgtp->gop", form.b, form.b)
-    return a, b
+    return jnp.einsum("ngti,ngtj->gij", form.a, form.a) / (n * t)
 
 
-def blocks(p: backprop.Pass, cols: dict, kernel_b=None) -> list:
-    """Blocks for every float leaf from backpropagated vectors ``cols`` (tap id -> ``[N, M, …]``).
+def _output_factor(form):
+    return jnp.einsum("nmgto,nmgtp->gop", form.b, form.b)
 
-    ``kernel_b`` optionally maps tap ids to replacement ``B`` factors (KFRA).
-    """
-    n = p.model.num_examples
+
+def _layout(p: backprop.Pass):
+    """Which float leaves get Kronecker, full and diagonal blocks."""
     leaves = p.model.float_leaves(p.params)
     fast = leafwise.fast_taps(p)
-    result: list = [None] * len(leaves)
-    for k, tap in fast.items():
-        form = rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id])
-        a, b = _kernel_factors(form, n)
-        if kernel_b is not None and tap.id in kernel_b:
-            b = kernel_b[tap.id]
-        result[k] = KroneckerBlock(a, b, leafwise.canonical_index(p, tap, k, form))
     rest = [k for k in range(len(leaves)) if k not in fast]
     full = [k for k in rest if jnp.ndim(leaves[k]) <= 1 and p.model.taps_of_leaf[k]]
-    for k, matrix in zip(full, leafwise.outer_sum(p, cols, full), strict=True):
-        result[k] = DenseBlock(matrix)
     diag = [k for k in rest if k not in full]
+    return fast, full, diag
+
+
+def additive_parts(p: backprop.Pass, cols: dict, weights=None) -> dict:
+    """The parts of the blocks that sum over backpropagated vectors (``weights`` unused, = 1)."""
+    del weights
+    fast, full, diag = _layout(p)
+    parts = {"b": {}, "full": {}, "diag": {}}
+    for k, tap in fast.items():
+        parts["b"][k] = _output_factor(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
+    parts["full"] = dict(zip(full, leafwise.outer_sum(p, cols, full), strict=True))
     if diag:
         sums = leafwise.sum_sq(p, cols)
-        for k in diag:
-            result[k] = DiagonalBlock(sums[k])
+        parts["diag"] = {k: sums[k] for k in diag}
+    return parts
+
+
+def assemble(p: backprop.Pass, parts: dict) -> list:
+    """Blocks for every float leaf from :func:`additive_parts` (summed over all vectors)."""
+    n = p.model.num_examples
+    fast, full, diag = _layout(p)
+    result: list = [None] * len(p.model.float_index)
+    gradient_cols = p.columns_of_gradient()  # only the layout of the form is used below
+    for k, tap in fast.items():
+        form = rules.bilinear_form(tap, p.acts[tap.id], gradient_cols[tap.id])
+        index = leafwise.canonical_index(p, tap, k, form)
+        result[k] = KroneckerBlock(_input_factor(form, n), parts["b"][k], index)
+    for k in full:
+        result[k] = DenseBlock(parts["full"][k])
+    for k in diag:
+        result[k] = DiagonalBlock(parts["diag"][k])
     return result
-
-
-def kflr_of(p: backprop.Pass, cols=None) -> list:
-    cols = p.backpropagate(diagonals.ggn_columns(p)) if cols is None else cols
-    return blocks(p, cols)
-
-
-def kfac_of(p: backprop.Pass, key, mc_samples: int, cols=None) -> list:
-    cols = p.backpropagate(diagonals.mc_columns(p, key, mc_samples)) if cols is None else cols
-    return blocks(p, cols)
 
 
 def chain_of(model) -> list:
@@ -170,31 +176,35 @@ def chain_of(model) -> list:
     return kernels
 
 
-def kfra_of(p: backprop.Pass, cols=None) -> list:
-    """KFRA from a pass run with ``output_taps`` = the chain's kernel taps."""
+def kfra_of(p: backprop.Pass, parts: dict | None = None) -> list:
+    """KFRA from a pass run with ``output_taps`` = the chain's kernel taps.
+
+    ``parts`` are :func:`additive_parts` of the exact columns (computed here if not given).
+    """
     kernels = chain_of(p.model)
-    cols = p.backpropagate(diagonals.ggn_columns(p)) if cols is None else cols
+    if parts is None:
+        parts = p.reduce_columns(lambda c, w: additive_parts(p, c), diagonals.ggn_columns(p))
     n = p.model.num_examples
-    last = kernels[-1]
-    b_bar = {
-        last.id: _kernel_factors(rules.bilinear_form(last, p.acts[last.id], cols[last.id]), n)[1]
-    }
+    fast = leafwise.fast_taps(p)
+    leaf_of = {tap.id: k for k, tap in fast.items()}
+    b_bar = {kernels[-1].id: parts["b"][leaf_of[kernels[-1].id]]}
+    dtype = p.outputs.dtype
     for below, above in zip(kernels[-2::-1], kernels[:0:-1], strict=True):
-        b_above = b_bar[above.id][0]  # [O, O], G = 1
-        eigvals, eigvecs = jnp.linalg.eigh(b_above)
+        eigvals, eigvecs = jnp.linalg.eigh(b_bar[above.id][0])
         root = eigvecs * jnp.sqrt(jnp.clip(eigvals, 0.0))[None, :]  # B̄ = R Rᵀ, columns of R
+        d = root.shape[1]
         out_shape = p.tap_outputs[above.id][0].shape[1:]
-        columns = jnp.broadcast_to(root.T.reshape(-1, *out_shape), (n, root.shape[1], *out_shape))
-        out_cols = jnp.zeros((n, root.shape[1], p.outputs.shape[1]), p.outputs.dtype)
+        injected = jnp.broadcast_to(root.T.reshape(d, *out_shape), (n, d, *out_shape))
         outputs = {
-            t: (
-                columns
-                if t == above.id
-                else jnp.zeros((n, root.shape[1], *p.tap_outputs[t][0].shape[1:]), p.outputs.dtype),
-            )
-            for t in p.tap_outputs
+            t: (injected if t == above.id else jnp.zeros((n, d, *v[0].shape[1:]), dtype),)
+            for t, v in p.tap_outputs.items()
         }
-        propagated = p.backpropagate(out_cols, output_columns=outputs)[below.id][0]
-        b = propagated.reshape(n, root.shape[1], -1)
-        b_bar[below.id] = (jnp.einsum("nmo,nmp->op", b, b) / n)[None]
-    return blocks(p, cols, kernel_b=b_bar)
+        columns = jnp.zeros((n, d, p.outputs.shape[1]), dtype)
+
+        def propagated(cols, w, below=below):
+            b = cols[below.id][0].reshape(n, cols[below.id][0].shape[1], -1)
+            return jnp.einsum("nmo,nmp->op", b, b) / n
+
+        b_bar[below.id] = p.reduce_columns(propagated, columns, output_columns=outputs)[None]
+    parts = dict(parts, b={k: b_bar.get(tap.id, parts["b"][k]) for k, tap in fast.items()})
+    return assemble(p, parts)

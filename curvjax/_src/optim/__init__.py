@@ -1,0 +1,1 @@
+"""Curvature-preconditioned optimizers as optax transforms (public names in ``curvjax.optim``)."""

@@ -1,0 +1,506 @@
+"""K-FAC (Martens & Grosse 2015) as optax transforms: ``scale_by_kfac`` and the full ``kfac``.
+
+Both keep in their state moving averages of the Kronecker factors and a preconditioner refreshed
+every ``T`` steps (``lax.cond`` on the step counter). With ``block="diagonal"`` the factors are
+the blocks of :func:`curvjax.kfac` (or ``kflr`` / ``kfra``; biases are their own dense block) and
+the preconditioner holds their eigendecompositions, so the current damping enters at every step.
+With ``block="tridiagonal"`` (feed-forward chains of dense layers) they are the
+:class:`~curvjax._src.optim.tridiagonal.ChainFactors` with the cross-layer factors and the
+preconditioner is the block-tridiagonal inverse of §4.3, computed with the damping of the
+refresh step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvjax._src import extract as extract_lib
+from curvjax._src import products
+from curvjax._src import taps as taps_lib
+from curvjax._src.kronecker import KroneckerBlock
+from curvjax._src.optim import precondition as pre
+from curvjax._src.optim import tridiagonal
+
+BLOCK_KINDS = ("diagonal", "tridiagonal")
+
+
+class ScaleByKfacState(NamedTuple):
+    """State of :func:`scale_by_kfac`."""
+
+    count: jax.Array  # [] int32: updates done so far
+    factors: Any  # moving averages, dtype of the params: block="diagonal": params-shaped tree of
+    # KroneckerBlock (a [G, I, I], b [G, O, O], index [D] int32) / DenseBlock ([D, D]) /
+    # DiagonalBlock (leaf-shaped) / None (non-float leaves); block="tridiagonal": ChainFactors
+    inverse: Any  # refreshed every `inverse_interval` steps: params-shaped KroneckerEigh /
+    # DenseEigh / DiagonalBlock / None (diagonal), or TridiagonalInverse (tridiagonal)
+
+
+class KfacState(NamedTuple):
+    """State of :func:`kfac`."""
+
+    count: jax.Array  # [] int32: updates done so far
+    damping: jax.Array  # [] float: λ, adapted by the Levenberg-Marquardt rule
+    factors: Any  # as in ScaleByKfacState
+    inverse: Any  # as in ScaleByKfacState
+    previous_update: Any  # params-shaped: δ of the previous step (zeros at first)
+    rho: jax.Array  # [] float: the last reduction ratio ρ (NaN before the first adaptation)
+
+
+def _shape_structs(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _zeros(struct_tree):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct_tree)
+
+
+def _ema(old, new, decay):
+    """``decay · old + (1 - decay) · new`` for the float fields; integer fields from ``new``."""
+
+    def mix(o, n):
+        if jnp.issubdtype(n.dtype, jnp.integer):
+            return n
+        d = jnp.asarray(decay, o.dtype)
+        return d * o + (1 - d) * n
+
+    return jax.tree.map(mix, old, new)
+
+
+class _Core:
+    """The parts shared by :func:`scale_by_kfac` and :func:`kfac`."""
+
+    def __init__(self, apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples):
+        if block not in BLOCK_KINDS:
+            raise ValueError(f"`block` must be one of {BLOCK_KINDS}, got {block!r}.")
+        allowed = ("kfac", "kflr", "kfra") if block == "diagonal" else ("kfac", "kflr")
+        if quantity not in allowed:
+            raise ValueError(f"`quantity` must be one of {allowed} for block={block!r}.")
+        if apply_fn is None or example_inputs is None:
+            raise ValueError("K-FAC needs `apply_fn=` and `example_inputs=` to lay out its state.")
+        self.apply_fn, self.block, self.quantity = apply_fn, block, quantity
+        self.loss, self.reduction, self.mc_samples = loss, reduction, mc_samples
+        self.one = jax.tree.map(lambda x: x[:1], example_inputs)
+
+    # --- layout ------------------------------------------------------------------------------
+    def _dummy_batch(self):
+        n = jax.tree.leaves(self.one)[0].shape[0]
+        return (self.one, jnp.zeros((n,), jnp.int32))
+
+    def layers(self, params):
+        model = taps_lib.TracedModel(self.apply_fn, params, self.one)
+        return model, tridiagonal.chain_layers(model)
+
+    def init(self, params):
+        """Zero factors and preconditioner with the model's layout."""
+        structs = _shape_structs(params)
+        if self.block == "tridiagonal":
+            fn = lambda p: tridiagonal.chain_factors(  # noqa: E731
+                self.apply_fn, p, self._dummy_batch(), quantity="kflr"
+            )["chain_factors"]
+            factors = jax.eval_shape(fn, structs)
+            inverse = jax.eval_shape(tridiagonal.tridiagonal_inverse, factors, 1.0)
+            return _zeros(factors), _zeros(inverse)
+        fn = lambda p: extract_lib.extract(  # noqa: E731
+            self.apply_fn, p, self._dummy_batch(), ("kflr",)
+        )["kflr"]
+        factors = jax.eval_shape(fn, structs)
+        inverse = jax.eval_shape(
+            lambda f: jax.tree.map(pre.block_eigh, f, is_leaf=pre.is_block), factors
+        )
+        return _zeros(factors), _zeros(inverse)
+
+    # --- curvature of the current step -------------------------------------------------------
+    def current(self, params, state_factors, curvature, batch, key):
+        """The current step's factors in the state's layout."""
+        if curvature is None:
+            if batch is None:
+                raise ValueError(
+                    "K-FAC's `update` got neither `curvature` nor `batch`: pass `curvature=` "
+                    "(from `curvjax.extract` or `chain_factors`) or `batch=` (and `key=`)."
+                )
+            if self.block == "tridiagonal":
+                out = tridiagonal.chain_factors(
+                    self.apply_fn,
+                    params,
+                    batch,
+                    quantity=self.quantity,
+                    key=key,
+                    mc_samples=self.mc_samples,
+                    loss=self.loss,
+                    reduction=self.reduction,
+                )
+                return out["chain_factors"]
+            curvature = pre.compute_curvature(
+                self.quantity,
+                self.apply_fn,
+                params,
+                batch,
+                key,
+                loss=self.loss,
+                reduction=self.reduction,
+                mc_samples=self.mc_samples,
+            )
+        if self.block == "tridiagonal":
+            if not isinstance(curvature, tridiagonal.ChainFactors):
+                raise ValueError(
+                    "block='tridiagonal' takes `curvature=` from "
+                    "`chain_factors(...)['chain_factors']`, got "
+                    f"{type(curvature).__name__}."
+                )
+            return curvature
+        return self._check_blocks(params, state_factors, curvature)
+
+    def _check_blocks(self, params, state_factors, curvature):
+        paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        blocks = pre.curvature_leaves(curvature, params)
+        expected = treedef.flatten_up_to(state_factors)
+        for (path, _), blk, want in zip(paths_leaves, blocks, expected, strict=True):
+            if type(blk) is not type(want):
+                raise ValueError(
+                    f"`curvature` for {pre.leaf_name(path)} is a {type(blk).__name__}, K-FAC keeps "
+                    f"a {type(want).__name__} there: pass the output of `curvjax.kfac`, `kflr` or "
+                    "`kfra` (or `extract(...)` of one of them) for the same `apply_fn`."
+                )
+            if isinstance(blk, KroneckerBlock) and (
+                blk.a.shape != want.a.shape or blk.b.shape != want.b.shape
+            ):
+                raise ValueError(
+                    f"`curvature` for {pre.leaf_name(path)} has factors {blk.a.shape} ⊗ "
+                    f"{blk.b.shape}, the optimizer was built for {want.a.shape} ⊗ {want.b.shape}."
+                )
+        return jax.tree.unflatten(treedef, blocks)
+
+    # --- preconditioner ----------------------------------------------------------------------
+    def refresh(self, factors, damping):
+        if self.block == "tridiagonal":
+            return tridiagonal.tridiagonal_inverse(factors, damping)
+        return jax.tree.map(pre.block_eigh, factors, is_leaf=pre.is_block)
+
+    def direction(self, inverse, factors, grads, params, damping):
+        """``(F̆ + c I)⁻¹ grads`` (factored damping ``c`` for the diagonal blocks)."""
+        leaves, treedef = jax.tree.flatten(grads)
+        if self.block == "tridiagonal":
+            model, layers = self.layers(params)
+            floats = [leaves[i] for i in model.float_index]
+            mats = tridiagonal.to_layer_matrices(floats, layers, factors)
+            solved = tridiagonal.apply_tridiagonal_inverse(inverse, mats)
+            floats = tridiagonal.from_layer_matrices(solved, floats, layers, factors)
+            for i, value in zip(model.float_index, floats, strict=True):
+                leaves[i] = value
+            return jax.tree.unflatten(treedef, leaves)
+        inverses = treedef.flatten_up_to(inverse)
+        out = [
+            pre.apply_damped_inverse(inv, g, damping)
+            for inv, g in zip(inverses, leaves, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, out)
+
+    def step(self, state, updates, params, curvature, batch, key, damping, ema_decay, interval):
+        """Moving averages, refresh, and the preconditioned direction of ``updates``."""
+        if params is None:
+            raise ValueError("K-FAC needs `params` in `update(updates, state, params, ...)`.")
+        current = self.current(params, state.factors, curvature, batch, key)
+        count = state.count
+        decay = jnp.minimum(1.0 - 1.0 / (count + 1.0), ema_decay)
+        factors = _ema(state.factors, current, decay)
+        inverse = jax.lax.cond(
+            count % interval == 0, lambda: self.refresh(factors, damping), lambda: state.inverse
+        )
+        return factors, inverse, self.direction(inverse, factors, updates, params, damping)
+
+
+_ARGS = """
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to lay out the
+        factors, and used by the convenience path.
+      example_inputs: inputs with a leading batch axis (only the first example's shape is used).
+      damping: {damping}
+      l2: ``η ≥ 0``, strength of the ℓ2 term ``η/2 ||θ||²`` of the objective ``h = L + η/2 ||θ||²``.
+      ema_decay: ``ε``: the factors are averaged as ``F ← ε_k F + (1 - ε_k) F_k`` with
+        ``ε_k = min(1 - 1/k, ε)`` at step ``k = 1, 2, …`` (§5; no bias from the zero start).
+      inverse_interval: ``T``: the preconditioner is recomputed at steps ``0, T, 2T, …``.
+      block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
+        layers; biases added right after a layer are folded in with a homogeneous coordinate).
+      quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
+        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+      mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``."""
+
+
+def scale_by_kfac(
+    apply_fn: Callable,
+    example_inputs: Any,
+    *,
+    damping=1e-3,
+    l2=0.0,
+    ema_decay: float = 0.95,
+    inverse_interval: int = 10,
+    block: str = "diagonal",
+    quantity: str = "kfac",
+    loss="cross_entropy",
+    reduction: str = "mean",
+    mc_samples: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
+
+    def init(params):
+        factors, inverse = core.init(params)
+        return ScaleByKfacState(jnp.zeros([], jnp.int32), factors, inverse)
+
+    def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
+        del extra
+        grads = pre.add_l2(updates, params, l2)
+        factors, inverse, direction = core.step(
+            state, grads, params, curvature, batch, key, damping + l2, ema_decay, inverse_interval
+        )
+        return direction, ScaleByKfacState(state.count + 1, factors, inverse)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (fixed damping).
+
+    The update direction (to be followed by ``optax.scale(-α)``, momentum by ``optax.trace``) is
+
+    .. math::
+        d = \\breve F^{{-1}} (∇L + η θ), \\qquad
+        \\breve F_{{\\text{{layer}}}} = \\big(A + π \\sqrt{{λ+η}}\\, I\\big) ⊗
+        \\big(B + \\tfrac{{\\sqrt{{λ+η}}}}{{π}} I\\big)
+
+    per Kronecker block (``block="diagonal"``; ``π`` as in :func:`precondition_by_curvature`,
+    dense blocks ``(M + (λ+η) I)⁻¹``), or the damped block-tridiagonal ``F̂⁻¹`` of §4.3
+    (``block="tridiagonal"``), with ``A, B`` the moving averages of the factors.
+
+    **Two ways to call ``update``** (inside the caller's ``jax.jit``): *one pass* —
+    ``update(grads, state, params, curvature=c)`` with ``grads, c`` from
+    ``curvjax.extract(apply_fn, params, batch, ["kfac"], key=k)`` (``block="diagonal"``) or from
+    ``chain_factors(apply_fn, params, batch, key=k)`` (``"tridiagonal"``); *convenience* —
+    ``update(grads, state, params, batch=batch, key=k)``: the transform computes ``quantity``.
+
+    Args:{_ARGS.format(damping="``λ ≥ 0``, fixed (a float or a traced scalar).")}
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKfacState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, curvjax
+      >>> from curvjax._src.optim.kfac import scale_by_kfac
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
+      >>> batch = (jnp.ones((6, 4)), jnp.arange(6) % 3)
+      >>> opt = optax.chain(scale_by_kfac(apply_fn, batch[0], damping=1e-2), optax.scale(-0.1))
+      >>> state = opt.init(params)
+      >>> out = curvjax.extract(apply_fn, params, batch, ["kfac"], key=jax.random.key(0))
+      >>> updates, state = opt.update(out["grad"], state, params, curvature=out["kfac"])
+      >>> optax.apply_updates(params, updates)["w1"].shape
+      (4, 5)
+
+    References:
+      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+      curvature", ICML 2015, §4.2-4.3, §5 (moving averages), §6.3 (factored Tikhonov damping).
+    """
+
+
+def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
+    """``(Q, h₀, reduced)``: ``Q_ij = v_iᵀ G v_j`` (GGN of ``L`` on ``batch``), ``L(θ)`` and ``L(·)``.
+
+    One linearisation of the model and one JVP per vector (no backward pass).
+    """
+    loss_fn, scale, targets, floats, outputs, reduced, _, from_tree = products._setup(
+        apply_fn, params, batch, loss, reduction
+    )
+    f0, jvp = jax.linearize(outputs, floats)
+    factors = jax.vmap(loss_fn.hessian_factor)(f0, targets)  # [N, C, K]
+    projected = [jnp.einsum("nck,nc->nk", factors, jvp(from_tree(v))) for v in vectors]
+    q = jnp.stack([jnp.stack([scale * jnp.sum(u * w) for w in projected]) for u in projected])
+    value = scale * jnp.sum(jax.vmap(loss_fn.value)(f0, targets))
+
+    def loss_at(shifted):
+        shift = from_tree(shifted)
+        return reduced([f + s for f, s in zip(floats, shift, strict=True)])
+
+    return q, value, loss_at
+
+
+def quadratic_model_coefficients(q, grad_dots, vector_dots, damping, use_momentum):
+    """``(α, μ)`` minimising ``M(αΔ + μδ₀)`` (Martens & Grosse §7), and the 1-D fallback.
+
+    With ``C = G + c I``: ``[[ΔᵀCΔ, ΔᵀCδ₀], [δ₀ᵀCΔ, δ₀ᵀCδ₀]] [α, μ]ᵀ = -[∇hᵀΔ, ∇hᵀδ₀]ᵀ``;
+    without momentum (or when the system is singular, e.g. ``δ₀ = 0``) ``μ = 0`` and
+    ``α = -∇hᵀΔ / ΔᵀCΔ``.
+
+    Args:
+      q: ``[2, 2]`` GGN forms of ``(Δ, δ₀)`` (``[1, 1]`` without momentum).
+      grad_dots: ``[∇hᵀΔ, ∇hᵀδ₀]``.
+      vector_dots: the ``[2, 2]`` (or ``[1, 1]``) Euclidean Gram matrix of ``(Δ, δ₀)``.
+      damping: ``c = λ + η``.
+      use_momentum: traced bool, whether to solve the 2-D system.
+    """
+    m = q + damping * vector_dots
+    alpha_1d = -grad_dots[0] / m[0, 0]
+    if q.shape[0] == 1:
+        return alpha_1d, jnp.zeros_like(alpha_1d)
+    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    ok = use_momentum & (det > 1e-12 * jnp.abs(m[0, 0] * m[1, 1]))
+    safe = jnp.where(ok, det, 1.0)
+    alpha = -(m[1, 1] * grad_dots[0] - m[0, 1] * grad_dots[1]) / safe
+    mu = -(m[0, 0] * grad_dots[1] - m[1, 0] * grad_dots[0]) / safe
+    return jnp.where(ok, alpha, alpha_1d), jnp.where(ok, mu, 0.0)
+
+
+def levenberg_marquardt(damping, rho, omega, min_damping):
+    """``λ ← ωλ`` if ``ρ > 3/4``, ``λ ← λ/ω`` if ``ρ < 1/4`` (NaN ``ρ``: unchanged), ``λ ≥ λ_min``."""
+    new = jnp.where(rho > 0.75, damping * omega, jnp.where(rho < 0.25, damping / omega, damping))
+    return jnp.maximum(new, min_damping)
+
+
+def kfac(
+    apply_fn: Callable,
+    example_inputs: Any,
+    *,
+    damping=1e-2,
+    l2=0.0,
+    ema_decay: float = 0.95,
+    inverse_interval: int = 10,
+    block: str = "diagonal",
+    momentum: bool = True,
+    adapt_damping: bool = True,
+    adaptation_interval: int = 5,
+    damping_decay: float = 0.95,
+    min_damping: float = 1e-8,
+    quantity: str = "kfac",
+    loss="cross_entropy",
+    reduction: str = "mean",
+    mc_samples: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
+    if adaptation_interval < 1:
+        raise ValueError(f"`adaptation_interval` must be ≥ 1, got {adaptation_interval}.")
+    omega = damping_decay**adaptation_interval
+
+    def init(params):
+        factors, inverse = core.init(params)
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        return KfacState(
+            count=jnp.zeros([], jnp.int32),
+            damping=jnp.asarray(damping, dtype),
+            factors=factors,
+            inverse=inverse,
+            previous_update=jax.tree.map(jnp.zeros_like, params),
+            rho=jnp.asarray(jnp.nan, dtype),
+        )
+
+    def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
+        del extra
+        if batch is None:
+            raise ValueError(
+                "`kfac` needs `batch=` in `update` (for the quadratic model, and the curvature "
+                "unless `curvature=` is given)."
+            )
+        lam = state.damping
+        shift = lam + l2
+        grads = pre.add_l2(updates, params, l2)
+        factors, inverse, precond = core.step(
+            state, grads, params, curvature, batch, key, shift, ema_decay, inverse_interval
+        )
+        proposal = jax.tree.map(jnp.negative, precond)  # Δ = -F̆⁻¹ ∇h
+        previous = state.previous_update
+        vectors = (proposal, previous) if momentum else (proposal,)
+        q, value, loss_at = _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction)
+        dots = jnp.stack([jnp.stack([pre.tree_vdot(u, w) for w in vectors]) for u in vectors])
+        grad_dots = jnp.stack([pre.tree_vdot(grads, v) for v in vectors])
+        alpha, mu = quadratic_model_coefficients(q, grad_dots, dots, shift, state.count > 0)
+        coef = jnp.stack([alpha, mu])[: len(vectors)]
+        step = jax.tree.map(
+            lambda *vs: sum(c * v for c, v in zip(coef, vs, strict=True)).astype(vs[0].dtype),
+            *vectors,
+        )
+        # M(δ) - M(0) without λ: ∇hᵀδ + ½ δᵀ (G + η I) δ.
+        predicted = coef @ grad_dots + 0.5 * coef @ (q + l2 * dots) @ coef
+
+        def adapt():
+            h_old = value + 0.5 * l2 * pre.tree_vdot(params, params)
+            moved = jax.tree.map(jnp.add, params, step)
+            h_new = loss_at(step) + 0.5 * l2 * pre.tree_vdot(moved, moved)
+            rho = (h_new - h_old) / predicted
+            return levenberg_marquardt(lam, rho, omega, min_damping).astype(lam.dtype), rho.astype(
+                lam.dtype
+            )
+
+        if adapt_damping:
+            due = (state.count + 1) % adaptation_interval == 0
+            new_lam, rho = jax.lax.cond(due, adapt, lambda: (lam, state.rho))
+        else:
+            new_lam, rho = lam, state.rho
+        new_state = KfacState(state.count + 1, new_lam, factors, inverse, step, rho)
+        return step, new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+kfac.__doc__ = f"""K-FAC with adaptive damping and the quadratic-model step size and momentum.
+
+    Each step (Martens & Grosse 2015, §6-7) with ``h = L + η/2 ||θ||²``:
+
+    .. math::
+        Δ = -\\breve F^{{-1}} ∇h, \\qquad δ = α Δ + μ δ_0, \\qquad
+        (α, μ) = \\operatorname*{{arg\\,min}}_{{α, μ}} \\; ∇h^⊤ δ + \\tfrac12 δ^⊤ \\big(G + (λ+η) I\\big) δ,
+
+    where ``F̆`` is the damped K-FAC approximation of :func:`scale_by_kfac` with ``c = λ + η``,
+    ``δ₀`` the previous update and ``G`` the exact GGN of ``L`` on the current batch, applied
+    through two Jacobian-vector products (a 2×2 linear system; ``μ = 0`` at the first step or with
+    ``momentum=False``). Every ``T₁ = adaptation_interval`` steps ``λ`` follows the
+    Levenberg-Marquardt rule
+
+    .. math::
+        ρ = \\frac{{h(θ + δ) - h(θ)}}{{∇h^⊤ δ + \\tfrac12 δ^⊤ (G + η I) δ}}, \\qquad
+        λ ← \\begin{{cases}} ω λ & ρ > 3/4 \\\\ λ / ω & ρ < 1/4 \\end{{cases}}, \\quad
+        ω = (\\text{{damping\\_decay}})^{{T_1}},
+
+    which costs one forward pass at ``θ + δ`` on the same batch; the denominator leaves out ``λ``
+    (the undamped model, as in Hessian-free optimisation). The returned update is ``δ`` itself
+    (already with its sign and step size): add it with ``optax.apply_updates``.
+    Simplifications: the factored Tikhonov damping uses ``γ = √(λ+η)`` directly (no separate
+    greedy search over ``γ``, §6.6), and with ``block="tridiagonal"`` the preconditioner keeps the
+    damping of its last refresh.
+
+    **Calling ``update``** (inside the caller's ``jax.jit``): ``batch=`` is always needed (for the
+    quadratic model and ``ρ``). *One pass*: ``update(grads, state, params, curvature=c,
+    batch=batch)`` with ``grads, c`` from ``curvjax.extract(..., ["kfac"], key=k)``
+    (``block="diagonal"``) or ``chain_factors(..., key=k)`` (``"tridiagonal"``). *Convenience*:
+    ``update(grads, state, params, batch=batch, key=k)``.
+
+    Args:{_ARGS.format(damping="initial ``λ > 0``.")}
+      momentum: solve for the momentum ``μ`` as well (else ``μ = 0``).
+      adapt_damping: apply the Levenberg-Marquardt rule (else ``λ`` stays fixed).
+      adaptation_interval: ``T₁``.
+      damping_decay: ``ω`` per step (``ω^{{T₁}}`` per adaptation; the paper's 19/20).
+      min_damping: lower bound for ``λ``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`KfacState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvjax._src.optim.kfac import kfac
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
+      >>> batch = (jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3)
+      >>> opt = kfac(apply_fn, batch[0], damping=1e-1, block="tridiagonal", quantity="kflr")
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: -jnp.mean(jax.nn.log_softmax(apply_fn(p, batch[0]))[
+      ...     jnp.arange(6), batch[1]]))(params)
+      >>> updates, state = opt.update(grads, state, params, batch=batch)
+      >>> params = optax.apply_updates(params, updates)
+      >>> int(state.count)
+      1
+
+    References:
+      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+      curvature", ICML 2015, §6.3-6.5 (damping), §7 (step size and momentum).
+    """

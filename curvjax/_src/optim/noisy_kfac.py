@@ -1,0 +1,571 @@
+"""Noisy K-FAC / KFAC-VI: natural-gradient variational inference with Kronecker-factored posteriors.
+
+The variational posterior over the weights is ``q = N(μ, Σ)``; the mean ``μ`` is the parameter
+pytree the optimizer updates, the covariance is block-diagonal over parameter leaves with
+
+.. math::
+    Σ_l = ρ^2 (\\hat F_l + γ I)^{-1}, \\qquad \\hat F_l ≈ A_l ⊗ B_l
+
+for every dense / convolution kernel (the damped Kronecker factors of :func:`curvjax.kfac`,
+moving-averaged) and a diagonal ``F̂_l`` for every other floating-point leaf (biases, normalisation
+scales). Each step draws ``M`` weight samples ``θ_m ~ q``, averages the gradient and the Fisher
+factors over the samples and the batch (eq. 7-8), moving-averages the factors (eq. 9) and takes
+a preconditioned step with weight decay and momentum (eq. 10-11).
+
+Layout: a :class:`curvjax.KroneckerBlock` ``(a [G, I, I], b [G, O, O], index [D])`` describes the
+block ``P (⊕_g A_g ⊗ B_g) Pᵀ`` of a leaf, where entry ``j`` of the leaf (row-major) sits at
+canonical position ``index[j] = (g·I + i)·O + o``. A leaf is moved to the canonical ``[G, I, O]``
+layout by scattering its entries to ``index``, where ``(A ⊗ B) vec(X) = vec(A X Bᵀ)`` for the
+row-major ``vec`` of each ``X_g [I, O]``; results go back by gathering at ``index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvjax._src import extract as extract_lib
+from curvjax._src.kronecker import DenseBlock, DiagonalBlock, KroneckerBlock
+
+_BLOCKS = (KroneckerBlock, DenseBlock, DiagonalBlock)
+
+
+class KroneckerRoot(NamedTuple):
+    """Square root of a Kronecker-factored posterior covariance, in the factors' eigenbases.
+
+    ``Σ^{1/2} vec(E) = vec(Q_A (E ⊙ std) Q_Bᵀ)`` per group ``g``, in the canonical layout.
+
+    Attributes:
+      a_vectors: ``[G, I, I]`` eigenvectors ``Q_A`` of the input-side factors.
+      b_vectors: ``[G, O, O]`` eigenvectors ``Q_B`` of the output-side factors.
+      std: ``[G, I, O]`` posterior standard deviations along the eigenvector pairs.
+    """
+
+    a_vectors: jax.Array
+    b_vectors: jax.Array
+    std: jax.Array
+
+
+class NoisyKfacState(NamedTuple):
+    """State of :func:`noisy_kfac`; the posterior mean ``μ`` is ``params`` itself."""
+
+    count: jax.Array  # [] int32: the number of updates done (t of eq. 6-14)
+    factors: Any  # params-shaped: per dense/conv kernel a KroneckerBlock (a [G, I, I], b [G, O, O],
+    # index [D] int32) holding the moving averages of eq. 9; per other float leaf a DiagonalBlock
+    # (diagonal shaped like the leaf); None for non-float leaves. Dtype of the parameters.
+    posterior: Any  # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot per kernel,
+    # a leaf-shaped array of standard deviations per other float leaf, None for non-float leaves
+    velocity: Any  # params-shaped: v of eq. 10 (zeros for non-float leaves)
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+
+
+def _is_node(x) -> bool:
+    return x is None or isinstance(x, (*_BLOCKS, KroneckerRoot))
+
+
+def _path_name(path) -> str:
+    return "params" + jax.tree_util.keystr(path)
+
+
+def find_state(state) -> NoisyKfacState:
+    """The :class:`NoisyKfacState` in ``state`` (itself, or inside an ``optax.chain`` state)."""
+    if isinstance(state, NoisyKfacState):
+        return state
+    found = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, NoisyKfacState))
+        if isinstance(s, NoisyKfacState)
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"`state` must be the state of `noisy_kfac` or contain exactly one, found {len(found)}."
+        )
+    return found[0]
+
+
+# ---------------------------------------------------------------------------- per-leaf algebra
+
+
+def _to_canonical(leaf, index, shape):
+    flat = jnp.zeros(index.shape, leaf.dtype).at[index].set(leaf.reshape(-1))
+    return flat.reshape(shape)
+
+
+def _from_canonical(canon, index, leaf_shape):
+    return canon.reshape(-1)[index].reshape(leaf_shape)
+
+
+def _eigen(factor):
+    values, vectors = jnp.linalg.eigh(factor)
+    return jnp.clip(values, 0.0), vectors
+
+
+def _kronecker_scaling(a_values, b_values, damping, factored: bool):
+    """``[G, I, O]`` eigenvalues of the damped block ``F̂ + γ I`` in the basis ``Q_A ⊗ Q_B``."""
+    if not factored:
+        return a_values[:, :, None] * b_values[:, None, :] + damping
+    mean_a = jnp.mean(a_values, axis=-1)
+    mean_b = jnp.mean(b_values, axis=-1)
+    ok = (mean_a > 0) & (mean_b > 0)
+    pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, mean_a / jnp.where(ok, mean_b, 1.0), 1.0)), 1.0)
+    root = jnp.sqrt(damping)
+    damped_a = a_values + (pi * root)[:, None]
+    damped_b = b_values + (root / pi)[:, None]
+    return damped_a[:, :, None] * damped_b[:, None, :]
+
+
+def _kronecker_apply(a_vectors, b_vectors, canon_scaled):
+    """``Q_A X Q_Bᵀ`` per group."""
+    return jnp.einsum("gij,gjk,glk->gil", a_vectors, canon_scaled, b_vectors)
+
+
+def _kronecker_rotate(a_vectors, b_vectors, canon):
+    """``Q_Aᵀ X Q_B`` per group."""
+    return jnp.einsum("gji,gjk,gkl->gil", a_vectors, canon, b_vectors)
+
+
+def _posterior_and_direction(factor, grad, rho, damping, factored):
+    """``(Σ^{1/2}, (F̂ + γ I)⁻¹ g)`` of one leaf from its moving-averaged factor."""
+    if isinstance(factor, KroneckerBlock):
+        a_values, a_vectors = _eigen(factor.a)
+        b_values, b_vectors = _eigen(factor.b)
+        scaling = _kronecker_scaling(a_values, b_values, damping, factored)
+        shape = scaling.shape
+        canon = _to_canonical(grad, factor.index, shape)
+        solved = _kronecker_apply(
+            a_vectors, b_vectors, _kronecker_rotate(a_vectors, b_vectors, canon) / scaling
+        )
+        direction = _from_canonical(solved, factor.index, grad.shape)
+        return KroneckerRoot(a_vectors, b_vectors, rho / jnp.sqrt(scaling)), direction
+    damped = jnp.clip(factor.diagonal, 0.0) + damping
+    return rho / jnp.sqrt(damped), grad / damped
+
+
+def _initial_posterior(factor, rho, damping):
+    """``Σ^{1/2}`` for zero factors: ``ρ/√γ I`` under either damping split (π = 1)."""
+    if factor is None:
+        return None
+    std = rho / damping**0.5
+    if isinstance(factor, KroneckerBlock):
+        (g, i, _), o = factor.a.shape, factor.b.shape[-1]
+        eye = lambda n: jnp.broadcast_to(jnp.eye(n, dtype=factor.a.dtype), (g, n, n))  # noqa: E731
+        return KroneckerRoot(eye(i), eye(o), jnp.full((g, i, o), std, factor.a.dtype))
+    return jnp.full_like(factor.diagonal, std)
+
+
+def _leaf_noise(key, leaf, factor, root):
+    """One draw of ``Σ^{1/2} ε`` for a leaf, ``ε ~ N(0, I)``."""
+    if isinstance(root, KroneckerRoot):
+        eps = jax.random.normal(key, root.std.shape, root.std.dtype)
+        canon = _kronecker_apply(root.a_vectors, root.b_vectors, eps * root.std)
+        return _from_canonical(canon, factor.index, leaf.shape)
+    return jax.random.normal(key, leaf.shape, root.dtype) * root
+
+
+# ---------------------------------------------------------------------------- curvature inputs
+
+
+def _structure(apply_fn, params, example_inputs):
+    """Zero factors with the layout of ``apply_fn``'s kernels (KFLR on one example gives it).
+
+    The computation is compiled (``jax.jit``) even when ``init`` is called eagerly: it runs once,
+    and op-by-op it takes seconds; inside the caller's ``jit`` it is inlined.
+    """
+    one = jax.tree.map(lambda x: x[:1], example_inputs)
+
+    @jax.jit
+    def kflr_blocks(params, one):
+        p, values = extract_lib.compute(
+            apply_fn,
+            params,
+            (one, jnp.zeros((1,), jnp.int32)),
+            ("kflr",),
+            loss="cross_entropy",
+            reduction="mean",
+        )
+        return p.model.unflatten_float(values["kflr"])
+
+    blocks = kflr_blocks(params, one)
+
+    def zero(leaf, block):
+        if not _is_float(leaf):
+            return None
+        if isinstance(block, KroneckerBlock):
+            return KroneckerBlock(jnp.zeros_like(block.a), jnp.zeros_like(block.b), block.index)
+        return DiagonalBlock(jnp.zeros_like(leaf))
+
+    return jax.tree.map(zero, params, blocks, is_leaf=_is_node)
+
+
+def _mean_sample_axis(x, leaf_ndim: int):
+    return jnp.mean(x, axis=0) if x.ndim == leaf_ndim + 1 else x
+
+
+def _incoming_factor(path, leaf, factor, block):
+    """The incoming curvature of one leaf, averaged over a leading sample axis if it has one."""
+    name = _path_name(path)
+    if factor is None:
+        return None
+    if block is None:
+        raise ValueError(f"`curvature` has no block for the float leaf {name}.")
+    if isinstance(factor, KroneckerBlock):
+        if not isinstance(block, KroneckerBlock):
+            raise ValueError(
+                f"`curvature` holds a {type(block).__name__} for {name}, which `noisy_kfac` "
+                "treats as a Kronecker-factored kernel: pass the output of `curvjax.kfac` (or "
+                "`extract(..., ['kfac'])`) for the same `apply_fn`."
+            )
+        a = block.a if block.a.ndim == 3 else jnp.mean(block.a, axis=0)
+        b = block.b if block.b.ndim == 3 else jnp.mean(block.b, axis=0)
+        if a.shape != factor.a.shape or b.shape != factor.b.shape:
+            raise ValueError(
+                f"`curvature` for {name} has factors {a.shape} ⊗ {b.shape}, the optimizer was "
+                f"built for {factor.a.shape} ⊗ {factor.b.shape}: use the same `apply_fn`."
+            )
+        return KroneckerBlock(a, b, factor.index)
+    if isinstance(block, DenseBlock):
+        matrix = block.matrix
+        diagonal = jnp.diagonal(matrix, axis1=-2, axis2=-1)
+        if matrix.ndim == 3:
+            diagonal = jnp.mean(diagonal, axis=0)
+        return DiagonalBlock(diagonal.reshape(leaf.shape))
+    if isinstance(block, DiagonalBlock):
+        return DiagonalBlock(_mean_sample_axis(block.diagonal, leaf.ndim).reshape(leaf.shape))
+    raise ValueError(
+        f"`curvature` holds a {type(block).__name__} for {name}; expected a curvjax block "
+        "(the output of `curvjax.kfac`)."
+    )
+
+
+# ---------------------------------------------------------------------------- public functions
+
+
+def noisy_kfac_sample(params, state, key, *, num_samples: int | None = None):
+    """Weight samples ``θ ~ N(μ, Σ)`` from the Noisy K-FAC posterior.
+
+    For a kernel with factors ``A ⊗ B`` (eigendecompositions ``A = Q_A diag(a) Q_Aᵀ``,
+    ``B = Q_B diag(b) Q_Bᵀ``) this is matrix-normal sampling in the canonical layout:
+
+    .. math::
+        θ = μ + Q_A \\big(E ⊙ ρ\\, s^{-1/2}\\big) Q_B^⊤, \\quad E_{ij} \\sim N(0, 1), \\quad
+        s_{ij} = (a_i + π\\sqrt{γ})(b_j + \\sqrt{γ}/π),
+
+    i.e. ``θ = μ + ρ (A + π√γ I)^{-1/2} E (B + √γ/π I)^{-1/2}`` and
+    ``Cov(vec θ) = ρ² [(A + π√γ I) ⊗ (B + √γ/π I)]⁻¹`` (with ``factored_damping=False``,
+    ``s_ij = a_i b_j + γ`` and the covariance is exactly ``ρ² (A ⊗ B + γ I)⁻¹``). Other float
+    leaves get ``μ + ρ (d + γ)^{-1/2} ε`` with their diagonal Fisher ``d``; non-float leaves are
+    copied.
+
+    Args:
+      params: the posterior mean ``μ`` (the parameters the optimizer updates).
+      state: the state of :func:`noisy_kfac` (or an ``optax.chain`` state that contains it).
+      key: PRNG key.
+      num_samples: ``None`` for one sample shaped like ``params``; an int ``S`` for ``S`` samples
+        stacked on a leading axis, sample ``s`` drawn with ``jax.random.split(key, S)[s]``.
+
+    Returns:
+      A pytree like ``params`` (leaves ``[S, *shape]`` when ``num_samples`` is given).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvjax._src.optim.noisy_kfac import noisy_kfac, noisy_kfac_sample
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
+      >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=jnp.ones((1, 4)),
+      ...                  rho=0.1, damping=1e-2)
+      >>> sample = jax.jit(noisy_kfac_sample, static_argnames="num_samples")
+      >>> samples = sample(params, opt.init(params), jax.random.key(0), num_samples=5)
+      >>> samples["w"].shape
+      (5, 4, 3)
+
+    References:
+      Zhang, Sun, Duvenaud & Grosse, "Noisy natural gradient as variational inference", ICML 2018,
+      §3.2 (matrix-variate Gaussian posterior).
+    """
+    st = find_state(state)
+    if num_samples is not None:
+        keys = jax.random.split(key, num_samples)
+        return jax.vmap(lambda k: noisy_kfac_sample(params, st, k))(keys)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = iter(jax.random.split(key, len(leaves)))
+
+    def one(leaf, factor, root):
+        k = next(keys)
+        if factor is None:
+            return leaf
+        return leaf + _leaf_noise(k, leaf, factor, root).astype(leaf.dtype)
+
+    factors = treedef.flatten_up_to(st.factors)
+    roots = treedef.flatten_up_to(st.posterior)
+    return treedef.unflatten([one(*args) for args in zip(leaves, factors, roots, strict=True)])
+
+
+def noisy_kfac_predict(
+    apply_fn: Callable,
+    params,
+    state,
+    inputs,
+    key,
+    *,
+    num_samples: int,
+    link: Callable = jax.nn.softmax,
+):
+    """Monte-Carlo predictive: the mean of ``link(apply_fn(θ_s, inputs))`` over ``S`` samples.
+
+    .. math::
+        p(y | x) ≈ \\frac{1}{S} \\sum_{s=1}^S \\operatorname{softmax}(f(x; θ_s)), \\qquad
+        θ_s \\sim q = N(μ, Σ) ,
+
+    the Monte-Carlo estimate of the posterior predictive (KFAC-VI eq. 1). Sample ``s`` is
+    ``noisy_kfac_sample(params, state, jax.random.split(key, S)[s])``; samples are drawn and
+    evaluated one at a time (``jax.lax.map``), so memory does not grow with ``S``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
+      params: the posterior mean ``μ``.
+      state: the state of :func:`noisy_kfac` (or a chain state containing it).
+      inputs: model inputs with a leading batch axis.
+      key: PRNG key.
+      num_samples: ``S``.
+      link: applied to each sample's outputs before averaging (``jax.nn.softmax`` for
+        classification; ``lambda f: f`` averages the raw outputs).
+
+    Returns:
+      ``[N, C]``: the averaged ``link`` outputs (class probabilities for the default).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from curvjax._src.optim.noisy_kfac import noisy_kfac, noisy_kfac_predict
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.zeros((4, 3))}
+      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=jnp.ones((1, 4)),
+      ...                  rho=0.1, damping=1e-2)
+      >>> predict = jax.jit(noisy_kfac_predict, static_argnums=0, static_argnames="num_samples")
+      >>> probs = predict(apply_fn, params, opt.init(params), jnp.ones((2, 4)),
+      ...                 jax.random.key(0), num_samples=10)
+      >>> probs.shape
+      (2, 3)
+
+    References:
+      Nakata, Osawa & Yokota, "Variational deep learning based on natural gradient" (KFAC-VI), §4.1
+      (test accuracy from the average output of several weight samples).
+    """
+    st = find_state(state)
+    keys = jax.random.split(key, num_samples)
+
+    def one(k):
+        return link(apply_fn(noisy_kfac_sample(params, st, k), inputs))
+
+    return jnp.mean(jax.lax.map(one, keys), axis=0)
+
+
+def noisy_kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    apply_fn: Callable,
+    example_inputs,
+    rho: float,
+    damping: float,
+    num_samples: int = 1,
+    ema_weight: float = 0.05,
+    momentum: optax.ScalarOrSchedule = 0.0,
+    weight_decay: float = 0.0,
+    factored_damping: bool = True,
+    loss="cross_entropy",
+) -> optax.GradientTransformationExtraArgs:
+    """Noisy K-FAC with ``M`` weight samples per step (KFAC-VI), as an optax transformation.
+
+    The posterior is ``N(μ, Σ)`` with ``μ = params`` and ``Σ_l = ρ² (F̂_l + γ I)⁻¹`` per leaf. One
+    update at step ``t``, for every leaf ``l`` (eq. 5-12 of KFAC-VI):
+
+    .. math::
+        θ_m &\\sim N(μ, Σ), \\quad m = 1..M, \\qquad
+        \\bar g_l = \\frac{1}{M} \\sum_m ∇_{θ_l} L(θ_m), \\qquad
+        \\bar F_l = \\frac{1}{M} \\sum_m A_l(θ_m) ⊗ \\frac{1}{M} \\sum_m B_l(θ_m), \\\\
+        \\hat F_l &← (1 - β_t) \\hat F_l + β_t \\bar F_l \\quad \\text{(per factor)}, \\qquad
+        β_t = \\max(β, 1/(t+1)), \\\\
+        v_l &← (\\hat F_l + γ I)^{-1} \\bar g_l + \\frac{λ}{α_t} μ_l + m_t v_l, \\qquad
+        μ_l ← μ_l - α_t v_l, \\qquad Σ_l ← ρ^2 (\\hat F_l + γ I)^{-1} .
+
+    ``L`` is the mean loss over the batch, so ``ḡ`` and ``F̄`` are averages over samples and batch
+    (eq. 7-8); ``A ⊗ B`` are the K-FAC factors of :func:`curvjax.kfac` (Fisher with labels sampled
+    from the model, the ``B`` factor carrying the ``1/N`` of the mean), averaged over the samples
+    factor by factor as K-FAC averages over batches. ``β_t`` weighs the first ``1/β`` estimates
+    equally, so that the zero initial factors do not bias ``F̂`` (Martens & Grosse 2015, §5). The
+    update returned is ``-α_t v``; add it with ``optax.apply_updates``.
+
+    **Damping.** With ``factored_damping=True`` (default, Martens & Grosse §6.3, Zhang et al.)
+    ``F̂ + γ I`` means ``(A + π√γ I) ⊗ (B + √γ/π I)`` with
+    ``π = √((tr A / dim A) / (tr B / dim B))`` (``π = 1`` while a factor is zero), per feature
+    group; with ``False``, exactly ``A ⊗ B + γ I`` (in the factors' eigenbasis; same cost).
+    Both are applied through eigendecompositions of ``A`` and ``B`` recomputed every step.
+
+    **Other leaves.** Biases, normalisation scales and every leaf that is not the kernel of one
+    dense or convolution layer get a *diagonal* Fisher ``F̂ = diag(d)``: the diagonal of their
+    :func:`curvjax.kfac` block, moving-averaged the same way. Their posterior is
+    ``N(μ, ρ² diag(d + γ)⁻¹)``. Non-float leaves are left unchanged.
+
+    **Relation to Zhang et al.** ``ρ² = λ_KL / N`` (KL weight over dataset size) and ``γ`` plays
+    the role of the intrinsic damping ``λ_KL / (N η)`` of a prior ``N(0, η I)``: before the first
+    update ``Σ = ρ²/γ I``, the prior. ``rho=0`` gives K-FAC with this update rule (no noise).
+
+    **Two ways to call ``update``** (both under the caller's ``jax.jit``):
+
+    * *one pass* — ``update(grads, state, params, curvature=blocks)``: ``grads`` and ``blocks``
+      (a params-shaped tree of curvjax blocks, e.g. ``extract(apply_fn, θ, batch, ["kfac"],
+      key=k)["kfac"]``) computed by the caller at samples drawn with
+      :func:`noisy_kfac_sample`; leaves that carry a leading sample axis (as ``jax.vmap`` over
+      samples gives) are averaged over it.
+    * *convenience* — ``update(None, state, params, batch=batch, key=key)``: draws the ``M``
+      samples itself; sample ``m`` uses ``k_m = jax.random.split(key, M)[m]``,
+      ``(k_θ, k_y) = jax.random.split(k_m)``, ``θ_m = noisy_kfac_sample(params, state, k_θ)`` and
+      ``extract(apply_fn, θ_m, batch, ["kfac"], key=k_y)``, one sample at a time
+      (``jax.lax.map``). The ``updates`` argument is ignored.
+
+    Args:
+      learning_rate: ``α_t`` (float or optax schedule, e.g. :func:`warmup_polynomial_decay`).
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to find the
+        dense / convolution kernels and their layout, and used by the convenience path.
+      example_inputs: inputs with a leading batch axis (only the first example's shape is used).
+      rho: ``ρ``, the scale of the posterior covariance (``0`` for no noise).
+      damping: ``γ > 0``.
+      num_samples: ``M``, weight samples per step in the convenience path.
+      ema_weight: ``β``, the weight of the new estimate in the moving average (eq. 9).
+      momentum: ``m_t`` (float or schedule; :func:`proportional_momentum` gives eq. 6).
+      weight_decay: ``λ`` (the prior's weight decay, eq. 10).
+      factored_damping: the damping split described above.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`, for the
+        convenience path.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`NoisyKfacState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvjax._src.optim.noisy_kfac import noisy_kfac
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
+      >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+      >>> batch = (jnp.ones((8, 4)), jnp.arange(8) % 3)
+      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=batch[0], rho=0.01,
+      ...                  damping=1e-2, num_samples=4, momentum=0.9)
+      >>> state = opt.init(params)
+      >>> update = jax.jit(opt.update)
+      >>> updates, state = update(None, state, params, batch=batch, key=jax.random.key(0))
+      >>> params = optax.apply_updates(params, updates)
+      >>> int(state.count), state.factors["w"].a.shape
+      (1, (1, 4, 4))
+
+    References:
+      Zhang, Sun, Duvenaud & Grosse, "Noisy natural gradient as variational inference", ICML 2018;
+      Nakata, Osawa & Yokota, "Variational deep learning based on natural gradient" (KFAC-VI),
+      eq. 5-12; Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+      approximate curvature", ICML 2015, §6.3 (factored Tikhonov damping).
+    """
+    if not damping > 0:
+        raise ValueError(f"`damping` must be positive, got {damping}.")
+    if not 0 < ema_weight <= 1:
+        raise ValueError(f"`ema_weight` must lie in (0, 1], got {ema_weight}.")
+    if rho < 0:
+        raise ValueError(f"`rho` must be non-negative, got {rho}.")
+    if num_samples < 1:
+        raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
+
+    def init(params):
+        factors = _structure(apply_fn, params, example_inputs)
+        posterior = jax.tree.map(
+            lambda f: _initial_posterior(f, rho, damping), factors, is_leaf=_is_node
+        )
+        velocity = jax.tree.map(jnp.zeros_like, params)
+        return NoisyKfacState(jnp.zeros([], jnp.int32), factors, posterior, velocity)
+
+    def estimate(params, state, batch, key):
+        def one(k):
+            k_theta, k_y = jax.random.split(k)
+            theta = noisy_kfac_sample(params, state, k_theta)
+            out = extract_lib.extract(apply_fn, theta, batch, ["kfac"], loss=loss, key=k_y)
+            return out["grad"], out["kfac"]
+
+        return jax.lax.map(one, jax.random.split(key, num_samples))
+
+    def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("`noisy_kfac` needs `params` (the posterior mean) in `update`.")
+        if curvature is None:
+            if batch is None or key is None:
+                missing = [n for n, v in (("batch", batch), ("key", key)) if v is None]
+                raise ValueError(
+                    f"`noisy_kfac.update` got no `curvature` and no {' and no '.join(missing)}: "
+                    "pass `curvature=` (with the gradient as `updates`) or `batch=` and `key=`."
+                )
+            grads, curvature = estimate(params, state, batch, key)
+        else:
+            if updates is None:
+                raise ValueError(
+                    "`noisy_kfac.update` got `curvature` but no gradient: pass the gradient "
+                    "averaged over the weight samples as `updates`."
+                )
+            grads = updates
+
+        count = state.count
+        beta = jnp.maximum(ema_weight, 1.0 / (count + 1.0))
+        alpha = learning_rate(count) if callable(learning_rate) else learning_rate
+        mom = momentum(count) if callable(momentum) else momentum
+        alpha = jnp.asarray(alpha)
+        decay_coef = jnp.where(alpha > 0, weight_decay / jnp.where(alpha > 0, alpha, 1.0), 0.0)
+
+        paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        factors = treedef.flatten_up_to(state.factors)
+        blocks = treedef.flatten_up_to(curvature)
+        grad_leaves = treedef.flatten_up_to(grads)
+        velocities = treedef.flatten_up_to(state.velocity)
+        new_factors, new_roots, new_velocities, new_updates = [], [], [], []
+        for (path, leaf), factor, block, g, v in zip(
+            paths_leaves, factors, blocks, grad_leaves, velocities, strict=True
+        ):
+            if factor is None:
+                new_factors.append(None)
+                new_roots.append(None)
+                new_velocities.append(v)
+                new_updates.append(jnp.zeros_like(leaf))
+                continue
+            if g is None:
+                raise ValueError(
+                    f"the gradient has no entry for the float leaf {_path_name(path)}."
+                )
+            incoming = _incoming_factor(path, leaf, factor, block)
+            g = _mean_sample_axis(g, leaf.ndim).astype(leaf.dtype)
+            b = beta.astype(leaf.dtype)
+            if isinstance(factor, KroneckerBlock):
+                factor = KroneckerBlock(
+                    (1 - b) * factor.a + b * incoming.a.astype(leaf.dtype),
+                    (1 - b) * factor.b + b * incoming.b.astype(leaf.dtype),
+                    factor.index,
+                )
+            else:
+                factor = DiagonalBlock(
+                    (1 - b) * factor.diagonal + b * incoming.diagonal.astype(leaf.dtype)
+                )
+            root, direction = _posterior_and_direction(factor, g, rho, damping, factored_damping)
+            v = direction + decay_coef.astype(leaf.dtype) * leaf + jnp.asarray(mom, leaf.dtype) * v
+            new_factors.append(factor)
+            new_roots.append(root)
+            new_velocities.append(v)
+            new_updates.append(-alpha.astype(leaf.dtype) * v)
+
+        state = NoisyKfacState(
+            count + 1,
+            treedef.unflatten(new_factors),
+            treedef.unflatten(new_roots),
+            treedef.unflatten(new_velocities),
+        )
+        return treedef.unflatten(new_updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
