@@ -6,6 +6,8 @@ import importlib
 import pytest
 
 import curvjax
+import curvjax.optim
+import curvjax.spectral
 
 MODULES = [
     "curvjax._src.first_order",
@@ -14,6 +16,11 @@ MODULES = [
     "curvjax._src.products",
     "curvjax._src.kronecker",
     "curvjax._src.losses",
+    "curvjax.spectral",
+    "curvjax._src.optim.precondition",
+    "curvjax._src.optim.kfac",
+    "curvjax._src.optim.tridiagonal",
+    "curvjax._src.optim.schedules",
 ]
 
 
@@ -21,8 +28,9 @@ def test_every_public_name_has_a_docstring():
     for name in curvjax.__all__:
         obj = getattr(curvjax, name)
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
-    for name in curvjax.losses.__all__:
-        assert getattr(curvjax.losses, name).__doc__, name
+    for module in (curvjax.losses, curvjax.spectral, curvjax.optim):
+        for name in module.__all__:
+            assert getattr(module, name).__doc__, f"{module.__name__}.{name}"
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -183,7 +183,8 @@ class _Core:
 
     def direction(self, inverse, factors, grads, params, damping):
         """``(F̆ + c I)⁻¹ grads`` (factored damping ``c`` for the diagonal blocks)."""
-        leaves, treedef = jax.tree.flatten(grads)
+        treedef = jax.tree.structure(params)
+        leaves = treedef.flatten_up_to(grads)  # aligned with the leaves of params
         if self.block == "tridiagonal":
             model, layers = self.layers(params)
             floats = [leaves[i] for i in model.float_index]
@@ -289,15 +290,18 @@ scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, curvjax
-      >>> from curvjax._src.optim.kfac import scale_by_kfac
-      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> from curvjax.optim import scale_by_kfac
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
       >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
       >>> batch = (jnp.ones((6, 4)), jnp.arange(6) % 3)
       >>> opt = optax.chain(scale_by_kfac(apply_fn, batch[0], damping=1e-2), optax.scale(-0.1))
-      >>> state = opt.init(params)
-      >>> out = curvjax.extract(apply_fn, params, batch, ["kfac"], key=jax.random.key(0))
-      >>> updates, state = opt.update(out["grad"], state, params, curvature=out["kfac"])
-      >>> optax.apply_updates(params, updates)["w1"].shape
+      >>> @jax.jit
+      ... def step(params, state, batch, key):
+      ...     out = curvjax.extract(apply_fn, params, batch, ["kfac"], key=key)  # one pass
+      ...     updates, state = opt.update(out["grad"], state, params, curvature=out["kfac"])
+      ...     return optax.apply_updates(params, updates), state
+      >>> params, state = step(params, opt.init(params), batch, jax.random.key(0))
+      >>> params["w1"].shape
       (4, 5)
 
     References:
@@ -479,7 +483,8 @@ kfac.__doc__ = f"""K-FAC with adaptive damping and the quadratic-model step size
       momentum: solve for the momentum ``μ`` as well (else ``μ = 0``).
       adapt_damping: apply the Levenberg-Marquardt rule (else ``λ`` stays fixed).
       adaptation_interval: ``T₁``.
-      damping_decay: ``ω`` per step (``ω^{{T₁}}`` per adaptation; the paper's 19/20).
+      damping_decay: the per-step factor: ``λ`` is multiplied or divided by
+        ``ω = damping_decay^{{T₁}}`` per adaptation (the paper's ``(19/20)^{{T₁}}``).
       min_damping: lower bound for ``λ``.
 
     Returns:
@@ -487,16 +492,19 @@ kfac.__doc__ = f"""K-FAC with adaptive damping and the quadratic-model step size
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from curvjax._src.optim.kfac import kfac
-      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> from curvjax.optim import kfac
+      >>> from curvjax.optim import chain_factors
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
       >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
       >>> batch = (jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3)
-      >>> opt = kfac(apply_fn, batch[0], damping=1e-1, block="tridiagonal", quantity="kflr")
-      >>> state = opt.init(params)
-      >>> grads = jax.grad(lambda p: -jnp.mean(jax.nn.log_softmax(apply_fn(p, batch[0]))[
-      ...     jnp.arange(6), batch[1]]))(params)
-      >>> updates, state = opt.update(grads, state, params, batch=batch)
-      >>> params = optax.apply_updates(params, updates)
+      >>> opt = kfac(apply_fn, batch[0], damping=1e-1, block="tridiagonal")
+      >>> @jax.jit
+      ... def step(params, state, batch, key):
+      ...     out = chain_factors(apply_fn, params, batch, key=key)  # one pass
+      ...     updates, state = opt.update(
+      ...         out["grad"], state, params, curvature=out["chain_factors"], batch=batch)
+      ...     return optax.apply_updates(params, updates), state
+      >>> params, state = step(params, opt.init(params), batch, jax.random.key(0))
       >>> int(state.count)
       1
 

@@ -111,6 +111,24 @@ def damped_kronecker_power(eig: KroneckerEigh, canon: jax.Array, damping, power=
     return jnp.einsum("gij,gjk,glk->gil", eig.a_vectors, rotated * scale, eig.b_vectors)
 
 
+def damped_kronecker_solve(a: jax.Array, b: jax.Array, canon: jax.Array, damping) -> jax.Array:
+    """``[(A + π√c I) ⊗ (B + √c/π I)]⁻¹`` applied to canonical ``canon [G, I, O]`` (Cholesky).
+
+    The same as :func:`damped_kronecker_power` with ``p = -1`` without eigendecompositions:
+    ``X_g ↦ (A_g + π√c I)⁻¹ X_g (B_g + √c/π I)⁻¹``, for one-off solves.
+    """
+    root = jnp.sqrt(jnp.asarray(damping, canon.dtype))
+    pi = kronecker_pi(a, b)
+
+    def one(a, b, x, pi):
+        a_chol = jax.scipy.linalg.cho_factor(a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype))
+        b_chol = jax.scipy.linalg.cho_factor(b + root / pi * jnp.eye(b.shape[0], dtype=b.dtype))
+        left = jax.scipy.linalg.cho_solve(a_chol, x)
+        return jax.scipy.linalg.cho_solve(b_chol, left.T).T
+
+    return jax.vmap(one)(a, b, canon, pi)
+
+
 def dense_eigh(matrix: jax.Array) -> DenseEigh:
     """Eigendecompose a symmetric ``[D, D]`` block."""
     values, vectors = jnp.linalg.eigh(matrix)

@@ -27,11 +27,11 @@ with ``Ψ^A_l = Ā_{l,l+1} Ā_{l+1,l+1}⁻¹``, ``Ψ^G_l = G_{l,l+1} G_{l+1,l+1}
 ``Σ_{l|l+1} = Ā_{l,l} ⊗ G_{l,l} - Ψ^A_l Ā_{l+1,l+1} Ψ^{A⊤}_l ⊗ Ψ^G_l G_{l+1,l+1} Ψ^{G⊤}_l``, inverted
 through two generalised eigendecompositions (:func:`linalg.kronecker_difference_solve`).
 
-Damping (§6.3 for the block-tridiagonal case): ``Ā_{l,l}`` and ``G_{l,l}`` are replaced everywhere
-by ``Ā_{l,l} + π_l √c I`` and ``G_{l,l} + √c/π_l I`` (``c = λ + η``); the cross factors are not
-damped. Since every ``F̃`` built from one set of per-example vectors (or a moving average of such)
-is a principal submatrix of a Tracy-Singh product of two positive semi-definite matrices, the
-``Σ_{l|l+1}`` stay positive definite.
+Damping (the factored Tikhonov damping of §6.3 on the diagonal factors): ``Ā_{l,l}`` and
+``G_{l,l}`` are replaced everywhere by ``Ā_{l,l} + π_l √c I`` and ``G_{l,l} + √c/π_l I``
+(``c = λ + η``); the cross factors are not damped. Since every ``F̃`` built from one set of
+per-example vectors (or a moving average of such) is a principal submatrix of a Tracy-Singh
+product of two positive semi-definite matrices, the ``Σ_{l|l+1}`` stay positive definite.
 
 The cross-layer factors are not part of :func:`curvjax.kfac`; :func:`chain_factors` computes all
 of them from one forward pass and one backward pass of the backpropagated vectors, reading the
@@ -178,7 +178,8 @@ def chain_factors(
 
     One forward pass records each dense layer's inputs; one backward pass of the gradient and
     one of the vectors (``M`` Monte-Carlo columns for ``quantity="kfac"``, the ``C`` exact columns
-    of ``√κ S_n`` for ``"kflr"``) give the output cotangents of every layer for the same vectors:
+    of ``√κ S_n`` for ``"kflr"``; in chunks of vectors when they are many) give the output
+    cotangents of every layer for the same vectors:
 
     .. math::
         \\bar A_{l,m} = \\tfrac{1}{N} \\sum_n ā_{l,n} ā_{m,n}^⊤, \\qquad
@@ -203,11 +204,12 @@ def chain_factors(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from curvjax._src.optim.tridiagonal import chain_factors
-      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+      >>> from curvjax.optim import chain_factors
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
       >>> params = {"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}
       >>> batch = (jnp.ones((6, 4)), jnp.arange(6) % 3)
-      >>> f = chain_factors(apply_fn, params, batch, quantity="kflr")["chain_factors"]
+      >>> fn = jax.jit(chain_factors, static_argnums=0, static_argnames="quantity")
+      >>> f = fn(apply_fn, params, batch, quantity="kflr")["chain_factors"]
       >>> [a.shape for a in f.a], [c.shape for c in f.a_cross]
       ([(5, 5), (5, 5)], [(5, 5)])
 
@@ -225,24 +227,30 @@ def chain_factors(
         raise ValueError(
             f"`quantity` must be 'kfac' or 'kflr' for chain factors, got {quantity!r}."
         )
-    cols = p.backpropagate(columns)
     n = p.model.num_examples
-    inputs, cotangents, index = [], [], []
+    gradient_cols = p.columns_of_gradient()  # the layout of each layer's form
+    inputs, index = [], []
     for layer in layers:
-        form = rules.bilinear_form(layer.tap, p.acts[layer.tap.id], cols[layer.tap.id])
+        form = rules.bilinear_form(layer.tap, p.acts[layer.tap.id], gradient_cols[layer.tap.id])
         a = form.a[:, 0, 0]  # [N, I]: G = T = 1 in a chain of dense layers
         if layer.bias is not None:
             a = jnp.concatenate([a, jnp.ones((n, 1), a.dtype)], axis=1)
         inputs.append(a)
-        cotangents.append(form.b[:, :, 0, 0])  # [N, M, O]
         index.append(leafwise.canonical_index(p, layer.tap, layer.kernel, form))
+
+    def output_factors(cots, weights):  # additive over the backpropagated vectors
+        del weights
+        b = [
+            rules.bilinear_form(layer.tap, p.acts[layer.tap.id], cots[layer.tap.id]).b[:, :, 0, 0]
+            for layer in layers
+        ]  # [N, M, O] per layer
+        diagonal = tuple(jnp.einsum("nmo,nmp->op", x, x) for x in b)
+        cross = tuple(jnp.einsum("nmo,nmp->op", x, y) for x, y in zip(b[:-1], b[1:], strict=True))
+        return diagonal, cross
+
+    g_fac, g_cross = p.reduce_columns(output_factors, columns)
     a_fac = tuple(a.T @ a / n for a in inputs)
-    g_fac = tuple(jnp.einsum("nmo,nmp->op", b, b) for b in cotangents)
     a_cross = tuple(x.T @ y / n for x, y in zip(inputs[:-1], inputs[1:], strict=True))
-    g_cross = tuple(
-        jnp.einsum("nmo,nmp->op", x, y)
-        for x, y in zip(cotangents[:-1], cotangents[1:], strict=True)
-    )
     factors = ChainFactors(a_fac, g_fac, a_cross, g_cross, tuple(index))
     return {"loss": p.loss, "grad": p.model.unflatten_float(p.grad), "chain_factors": factors}
 
