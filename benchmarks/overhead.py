@@ -51,6 +51,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# An installed curvjax comes first; otherwise the checkout this script lies in.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import models  # noqa: E402  (sits beside this script)
 
@@ -97,8 +99,18 @@ class Problem:
         return self.model.apply(params, inputs)
 
 
-def make_problems(batch_size: int, smoke: bool, seed: int = 0) -> list[Problem]:
-    """3c3d and the wide MLP on random CIFAR-10-shaped data (tiny widths with ``smoke``)."""
+#: Names accepted by ``--models``.
+MODEL_NAMES = ("3c3d", "mlp")
+
+
+def make_problems(
+    batch_size: int, smoke: bool, selected: tuple[str, ...] = MODEL_NAMES, seed: int = 0
+) -> list[Problem]:
+    """3c3d and the wide MLP on random CIFAR-10-shaped data (tiny widths with ``smoke``).
+
+    ``selected`` picks among :data:`MODEL_NAMES`; a model's weights and data do not depend on
+    which others are selected.
+    """
     if smoke:
         specs = [
             (
@@ -115,8 +127,10 @@ def make_problems(batch_size: int, smoke: bool, seed: int = 0) -> list[Problem]:
         ]
     key = jax.random.PRNGKey(seed)
     problems = []
-    for name, model, nchw in specs:
+    for short_name, (name, model, nchw) in zip(MODEL_NAMES, specs, strict=True):
         key, init_key, x_key, y_key = jax.random.split(key, 4)
+        if short_name not in selected:
+            continue
         variables = models.init_model(model, init_key, models.CIFAR_SHAPE)
         inputs = jax.random.normal(x_key, (batch_size, *models.CIFAR_SHAPE), jnp.float32)
         targets = jax.random.randint(y_key, (batch_size,), 0, model.num_classes)
@@ -663,6 +677,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="where to write the results (default benchmarks/overhead.json; none with --smoke)",
     )
+    parser.add_argument(
+        "--models",
+        type=lambda text: tuple(text.split(",")),
+        default=MODEL_NAMES,
+        help=f"comma-separated subset of {','.join(MODEL_NAMES)} (default: all)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the BackPACK comparison")
     parser.add_argument(
         "--threads",
@@ -671,6 +691,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch threads (default: the cores this process may use, as XLA does; 1 with --smoke)",
     )
     args = parser.parse_args(argv)
+    unknown = set(args.models) - set(MODEL_NAMES)
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {MODEL_NAMES}")
     if args.repeats is None:
         args.repeats = 2 if args.smoke else 10
     if args.warmup is None:
@@ -710,7 +733,7 @@ def main(argv=None) -> int:
             + ")"
         )
     summaries = []
-    for problem in make_problems(args.batch_size, args.smoke):
+    for problem in make_problems(args.batch_size, args.smoke, args.models):
         print(f"\n{problem.name}: {problem.num_params:,} parameters", flush=True)
         jax_result = run_jax(problem, args.repeats, args.warmup, vmap_rows=not args.smoke)
         reference = jax_result["reference"]
@@ -745,6 +768,7 @@ def main(argv=None) -> int:
                 "repeats": args.repeats,
                 "warmup": args.warmup,
                 "batch_size": args.batch_size,
+                "models": list(args.models),
                 "torch_threads": args.threads if use_torch else None,
                 "relative_tolerance": RELATIVE_TOLERANCE,
                 "load_average_at_end": _load_average(),
