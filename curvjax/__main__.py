@@ -36,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mini-batch size for training and for the table (default: 128)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="also write the Hessian's spectral density (stochastic Lanczos quadrature) to PATH, "
+        "a PNG",
+    )
     return parser
 
 
@@ -51,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be >= 0 and --batch-size >= 1")
         from curvjax._src.demo import run_demo  # imported here: it pulls in flax and sklearn
 
-        run_demo(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        run_demo(steps=args.steps, batch_size=args.batch_size, seed=args.seed, plot=args.plot)
         return 0
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices
     return 2

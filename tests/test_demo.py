@@ -63,3 +63,10 @@ def test_without_command_prints_help():
     result = _run_module()
     assert result.returncode == 0, result.stderr
     assert "demo" in result.stdout and "usage" in result.stdout
+
+
+def test_demo_writes_density_plot(tmp_path):
+    path = tmp_path / "density.png"
+    result = _run_module("demo", "--steps", "5", "--batch-size", "16", "--plot", str(path))
+    assert result.returncode == 0, result.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -244,6 +244,13 @@ def _incoming_factor(path, leaf, factor, block):
     )
 
 
+def _map_samples(fn, keys, sample_batch_size):
+    """``fn`` over the sample keys: all at once (``vmap``) or ``sample_batch_size`` at a time."""
+    if sample_batch_size is None or sample_batch_size >= keys.shape[0]:
+        return jax.vmap(fn)(keys)
+    return jax.lax.map(fn, keys, batch_size=sample_batch_size)
+
+
 # ---------------------------------------------------------------------------- public functions
 
 
@@ -278,8 +285,8 @@ def noisy_kfac_sample(params, state, key, *, num_samples: int | None = None):
       >>> from curvjax._src.optim.noisy_kfac import noisy_kfac, noisy_kfac_sample
       >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
       >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
-      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=jnp.ones((1, 4)),
-      ...                  rho=0.1, damping=1e-2)
+      >>> opt = noisy_kfac(apply_fn, jnp.ones((1, 4)), learning_rate=0.1, rho=0.1,
+      ...                  damping=1e-2)
       >>> sample = jax.jit(noisy_kfac_sample, static_argnames="num_samples")
       >>> samples = sample(params, opt.init(params), jax.random.key(0), num_samples=5)
       >>> samples["w"].shape
@@ -316,6 +323,7 @@ def noisy_kfac_predict(
     *,
     num_samples: int,
     link: Callable = jax.nn.softmax,
+    sample_batch_size: int | None = None,
 ):
     """Monte-Carlo predictive: the mean of ``link(apply_fn(θ_s, inputs))`` over ``S`` samples.
 
@@ -324,8 +332,9 @@ def noisy_kfac_predict(
         θ_s \\sim q = N(μ, Σ) ,
 
     the Monte-Carlo estimate of the posterior predictive (KFAC-VI eq. 1). Sample ``s`` is
-    ``noisy_kfac_sample(params, state, jax.random.split(key, S)[s])``; samples are drawn and
-    evaluated one at a time (``jax.lax.map``), so memory does not grow with ``S``.
+    ``noisy_kfac_sample(params, state, jax.random.split(key, S)[s])``. All samples are drawn and
+    evaluated at once (``jax.vmap``) unless ``sample_batch_size`` bounds how many are in memory
+    together (``jax.lax.map``).
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
@@ -336,6 +345,7 @@ def noisy_kfac_predict(
       num_samples: ``S``.
       link: applied to each sample's outputs before averaging (``jax.nn.softmax`` for
         classification; ``lambda f: f`` averages the raw outputs).
+      sample_batch_size: how many samples to evaluate together (``None``: all).
 
     Returns:
       ``[N, C]``: the averaged ``link`` outputs (class probabilities for the default).
@@ -345,8 +355,8 @@ def noisy_kfac_predict(
       >>> from curvjax._src.optim.noisy_kfac import noisy_kfac, noisy_kfac_predict
       >>> apply_fn = lambda p, x: x @ p["w"]
       >>> params = {"w": jnp.zeros((4, 3))}
-      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=jnp.ones((1, 4)),
-      ...                  rho=0.1, damping=1e-2)
+      >>> opt = noisy_kfac(apply_fn, jnp.ones((1, 4)), learning_rate=0.1, rho=0.1,
+      ...                  damping=1e-2)
       >>> predict = jax.jit(noisy_kfac_predict, static_argnums=0, static_argnames="num_samples")
       >>> probs = predict(apply_fn, params, opt.init(params), jnp.ones((2, 4)),
       ...                 jax.random.key(0), num_samples=10)
@@ -363,22 +373,23 @@ def noisy_kfac_predict(
     def one(k):
         return link(apply_fn(noisy_kfac_sample(params, st, k), inputs))
 
-    return jnp.mean(jax.lax.map(one, keys), axis=0)
+    return jnp.mean(_map_samples(one, keys, sample_batch_size), axis=0)
 
 
 def noisy_kfac(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
     apply_fn: Callable,
     example_inputs,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
     rho: float,
     damping: float,
     num_samples: int = 1,
-    ema_weight: float = 0.05,
+    ema_decay: float = 0.95,
     momentum: optax.ScalarOrSchedule = 0.0,
     weight_decay: float = 0.0,
     factored_damping: bool = True,
     loss="cross_entropy",
+    sample_batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Noisy K-FAC with ``M`` weight samples per step (KFAC-VI), as an optax transformation.
 
@@ -390,15 +401,16 @@ def noisy_kfac(
         \\bar g_l = \\frac{1}{M} \\sum_m ∇_{θ_l} L(θ_m), \\qquad
         \\bar F_l = \\frac{1}{M} \\sum_m A_l(θ_m) ⊗ \\frac{1}{M} \\sum_m B_l(θ_m), \\\\
         \\hat F_l &← (1 - β_t) \\hat F_l + β_t \\bar F_l \\quad \\text{(per factor)}, \\qquad
-        β_t = \\max(β, 1/(t+1)), \\\\
+        β_t = \\max(1 - \\text{ema\\_decay}, 1/(t+1)), \\\\
         v_l &← (\\hat F_l + γ I)^{-1} \\bar g_l + \\frac{λ}{α_t} μ_l + m_t v_l, \\qquad
         μ_l ← μ_l - α_t v_l, \\qquad Σ_l ← ρ^2 (\\hat F_l + γ I)^{-1} .
 
     ``L`` is the mean loss over the batch, so ``ḡ`` and ``F̄`` are averages over samples and batch
     (eq. 7-8); ``A ⊗ B`` are the K-FAC factors of :func:`curvjax.kfac` (Fisher with labels sampled
     from the model, the ``B`` factor carrying the ``1/N`` of the mean), averaged over the samples
-    factor by factor as K-FAC averages over batches. ``β_t`` weighs the first ``1/β`` estimates
-    equally, so that the zero initial factors do not bias ``F̂`` (Martens & Grosse 2015, §5). The
+    factor by factor as K-FAC averages over batches. The seed's ``β`` is ``1 - ema_decay``
+    (KFAC-VI's Table 1: ``β = 0.333``); ``β_t`` weighs the first ``1/β`` estimates equally, so that
+    the zero initial factors do not bias ``F̂`` (Martens & Grosse 2015, §5). The
     update returned is ``-α_t v``; add it with ``optax.apply_updates``.
 
     **Damping.** With ``factored_damping=True`` (default, Martens & Grosse §6.3, Zhang et al.)
@@ -426,23 +438,26 @@ def noisy_kfac(
     * *convenience* — ``update(None, state, params, batch=batch, key=key)``: draws the ``M``
       samples itself; sample ``m`` uses ``k_m = jax.random.split(key, M)[m]``,
       ``(k_θ, k_y) = jax.random.split(k_m)``, ``θ_m = noisy_kfac_sample(params, state, k_θ)`` and
-      ``extract(apply_fn, θ_m, batch, ["kfac"], key=k_y)``, one sample at a time
-      (``jax.lax.map``). The ``updates`` argument is ignored.
+      ``extract(apply_fn, θ_m, batch, ["kfac"], key=k_y)``, all samples at once (``jax.vmap``;
+      ``sample_batch_size`` bounds how many are in memory together). The ``updates`` argument is
+      ignored.
 
     Args:
-      learning_rate: ``α_t`` (float or optax schedule, e.g. :func:`warmup_polynomial_decay`).
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to find the
         dense / convolution kernels and their layout, and used by the convenience path.
       example_inputs: inputs with a leading batch axis (only the first example's shape is used).
+      learning_rate: ``α_t`` (float or optax schedule, e.g. :func:`warmup_polynomial_decay`).
       rho: ``ρ``, the scale of the posterior covariance (``0`` for no noise).
       damping: ``γ > 0``.
       num_samples: ``M``, weight samples per step in the convenience path.
-      ema_weight: ``β``, the weight of the new estimate in the moving average (eq. 9).
+      ema_decay: ``1 - β``, the weight of the old factors in the moving average (eq. 9).
       momentum: ``m_t`` (float or schedule; :func:`proportional_momentum` gives eq. 6).
       weight_decay: ``λ`` (the prior's weight decay, eq. 10).
       factored_damping: the damping split described above.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`, for the
         convenience path.
+      sample_batch_size: in the convenience path, how many weight samples to evaluate together
+        (``None``: all ``M``, fastest; memory grows with ``M`` times one pass).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`NoisyKfacState`.
@@ -453,8 +468,8 @@ def noisy_kfac(
       >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
       >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
       >>> batch = (jnp.ones((8, 4)), jnp.arange(8) % 3)
-      >>> opt = noisy_kfac(0.1, apply_fn=apply_fn, example_inputs=batch[0], rho=0.01,
-      ...                  damping=1e-2, num_samples=4, momentum=0.9)
+      >>> opt = noisy_kfac(apply_fn, batch[0], learning_rate=0.1, rho=0.01, damping=1e-2,
+      ...                  num_samples=4, momentum=0.9)
       >>> state = opt.init(params)
       >>> update = jax.jit(opt.update)
       >>> updates, state = update(None, state, params, batch=batch, key=jax.random.key(0))
@@ -470,12 +485,14 @@ def noisy_kfac(
     """
     if not damping > 0:
         raise ValueError(f"`damping` must be positive, got {damping}.")
-    if not 0 < ema_weight <= 1:
-        raise ValueError(f"`ema_weight` must lie in (0, 1], got {ema_weight}.")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"`ema_decay` must lie in [0, 1), got {ema_decay}.")
     if rho < 0:
         raise ValueError(f"`rho` must be non-negative, got {rho}.")
     if num_samples < 1:
         raise ValueError(f"`num_samples` must be at least 1, got {num_samples}.")
+    if sample_batch_size is not None and sample_batch_size < 1:
+        raise ValueError(f"`sample_batch_size` must be None or positive, got {sample_batch_size}.")
 
     def init(params):
         factors = _structure(apply_fn, params, example_inputs)
@@ -492,7 +509,7 @@ def noisy_kfac(
             out = extract_lib.extract(apply_fn, theta, batch, ["kfac"], loss=loss, key=k_y)
             return out["grad"], out["kfac"]
 
-        return jax.lax.map(one, jax.random.split(key, num_samples))
+        return _map_samples(one, jax.random.split(key, num_samples), sample_batch_size)
 
     def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
         del extra
@@ -515,7 +532,7 @@ def noisy_kfac(
             grads = updates
 
         count = state.count
-        beta = jnp.maximum(ema_weight, 1.0 / (count + 1.0))
+        beta = jnp.maximum(1.0 - ema_decay, 1.0 / (count + 1.0))
         alpha = learning_rate(count) if callable(learning_rate) else learning_rate
         mom = momentum(count) if callable(momentum) else momentum
         alpha = jnp.asarray(alpha)

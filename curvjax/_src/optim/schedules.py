@@ -46,7 +46,7 @@ def warmup_polynomial_decay(
       An ``optax.Schedule``: ``step [] int -> value [] float``.
 
     Example:
-      >>> from curvjax._src.optim.schedules import warmup_polynomial_decay
+      >>> from curvjax.optim import warmup_polynomial_decay
       >>> lr = warmup_polynomial_decay(init_value=0.1, base_value=1.0, warmup_steps=10,
       ...                              total_steps=100, steps_per_epoch=10, power=2.0)
       >>> [round(float(lr(t)), 4) for t in (0, 5, 10, 55, 110)]
@@ -96,7 +96,7 @@ def proportional_momentum(
       An ``optax.Schedule``: ``step -> m^(t)``.
 
     Example:
-      >>> from curvjax._src.optim.schedules import proportional_momentum
+      >>> from curvjax.optim import proportional_momentum
       >>> momentum = proportional_momentum(0.9, lambda t: 0.5 / (1 + t), base_learning_rate=0.5)
       >>> round(float(momentum(1)), 4)
       0.45

@@ -180,7 +180,11 @@ def power_iteration_top_k(
 
         v0 = _orthogonalise(start, found)
         v0 = v0 / jnp.linalg.norm(v0)
-        v, lam, _, iters = jax.lax.while_loop(cond, body, (v0, jnp.inf, jnp.inf, 0))
+        v, lam, _, iters = jax.lax.while_loop(
+            cond,
+            body,
+            (v0, jnp.full((), jnp.inf, start.dtype), jnp.full((), jnp.inf, start.dtype), 0),
+        )
         v = _orthogonalise(v, found)
         found = found.at[j].set(v / jnp.linalg.norm(v))
         values.append(lam)
