@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import equinox as eqx
 import flax.linen as nn
@@ -59,7 +60,8 @@ def test_linen_batchnorm_with_batch_statistics_raises():
     assert "BatchNorm_0" in message
     assert "per-example" in message
     assert "use_running_average=True" in message
-    assert "test_mixing.py" in message  # the source line of the offending module call
+    # a source line: the module call here, or flax's own line where jax counts flax as user code
+    assert re.search(r"(test_mixing|normalization)\.py:\d+", message)
 
 
 def test_linen_batchnorm_with_running_averages_passes():
