@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from curvjax._src import backprop, leafwise
-from curvjax._src import losses as losses_lib
+from curvjax._src import backprop, leafwise, products
 from curvjax._src import taps as taps_lib
 
 
@@ -134,19 +133,9 @@ def hutchinson_diag(apply_fn, params, batch, *, loss, reduction, key, mc_samples
         raise ValueError("method='hutchinson' needs `key=jax.random.key(...)`.")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
-    inputs, targets = backprop.validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    scale = losses_lib.reduction_scale(reduction, n)
-    leaves, tree = jax.tree.flatten(params)
-    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
-
-    def reduced(fl):
-        it = iter(fl)
-        full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
-        outputs = apply_fn(jax.tree.unflatten(tree, full), inputs)
-        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs, targets))
+    _, _, _, floats, _, reduced, to_tree, _ = products.whole_batch(
+        apply_fn, params, batch, loss, reduction
+    )
 
     def probe(k):
         keys = jax.random.split(k, len(floats))
@@ -162,5 +151,4 @@ def hutchinson_diag(apply_fn, params, batch, *, loss, reduction, key, mc_samples
 
     zeros = [jnp.zeros_like(x) for x in floats]
     total, _ = jax.lax.scan(body, zeros, jax.random.split(key, mc_samples))
-    it = iter(total)
-    return jax.tree.unflatten(tree, [next(it) / mc_samples if f else None for f in is_float])
+    return to_tree([t / mc_samples for t in total])

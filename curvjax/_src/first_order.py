@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from curvjax._src import backprop, leafwise
-from curvjax._src import losses as losses_lib
+from curvjax._src import backprop, leafwise, products
 
 
 def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
@@ -35,21 +33,10 @@ def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
       >>> jax.jit(curvjax.grad, static_argnums=0)(apply_fn, params, batch)["w"].shape
       (4, 3)
     """
-    inputs, targets = backprop.validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    scale = losses_lib.reduction_scale(reduction, n)
-    leaves, tree = jax.tree.flatten(params)
-    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-
-    def reduced(float_leaves):
-        it = iter(float_leaves)
-        full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
-        outputs = apply_fn(jax.tree.unflatten(tree, full), inputs)
-        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs, targets))
-
-    grads = iter(jax.grad(reduced)([x for x, f in zip(leaves, is_float, strict=True) if f]))
-    return jax.tree.unflatten(tree, [next(grads) if f else None for f in is_float])
+    _, _, _, floats, _, reduced, to_tree, _ = products.whole_batch(
+        apply_fn, params, batch, loss, reduction
+    )
+    return to_tree(jax.grad(reduced)(floats))
 
 
 _DOC_ARGS = """

@@ -16,7 +16,11 @@ from curvjax._src import backprop
 from curvjax._src import losses as losses_lib
 
 
-def _setup(apply_fn, params, batch, loss, reduction):
+def whole_batch(apply_fn, params, batch, loss, reduction):
+    """The reduced loss of the whole batch as a function of the float leaves, and helpers.
+
+    Returns ``(loss_fn, κ, targets, float leaves, outputs(fl), reduced(fl), to_tree, from_tree)``.
+    """
     inputs, targets = backprop.validate_batch(batch)
     loss_fn = losses_lib.resolve(loss)
     n = jax.tree.leaves(inputs)[0].shape[0]
@@ -63,7 +67,7 @@ _ARGS = """
 
 
 def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
-    _, _, _, floats, _, reduced, to_tree, from_tree = _setup(
+    _, _, _, floats, _, reduced, to_tree, from_tree = whole_batch(
         apply_fn, params, batch, loss, reduction
     )
     return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
@@ -89,7 +93,7 @@ hvp.__doc__ = (
 
 
 def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
-    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = _setup(
+    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = whole_batch(
         apply_fn, params, batch, loss, reduction
     )
     out, jvp_fn = jax.linearize(outputs, floats)
@@ -146,7 +150,7 @@ def hessian_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="
       >>> curvjax.hessian_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
       (12, 12)
     """
-    _, _, _, floats, _, reduced, _, _ = _setup(apply_fn, params, batch, loss, reduction)
+    _, _, _, floats, _, reduced, _, _ = whole_batch(apply_fn, params, batch, loss, reduction)
     flat, unravel = ravel_pytree(floats)
     return jax.jacfwd(jax.grad(lambda v: reduced(unravel(v))))(flat)
 
@@ -166,7 +170,7 @@ def ggn_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean
       >>> curvjax.ggn_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
       (12, 12)
     """
-    loss_fn, scale, targets, floats, outputs, _, _, _ = _setup(
+    loss_fn, scale, targets, floats, outputs, _, _, _ = whole_batch(
         apply_fn, params, batch, loss, reduction
     )
     flat, unravel = ravel_pytree(floats)

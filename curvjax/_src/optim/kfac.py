@@ -315,7 +315,7 @@ def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
 
     One linearisation of the model and one JVP per vector (no backward pass).
     """
-    loss_fn, scale, targets, floats, outputs, reduced, _, from_tree = products._setup(
+    loss_fn, scale, targets, floats, outputs, reduced, _, from_tree = products.whole_batch(
         apply_fn, params, batch, loss, reduction
     )
     f0, jvp = jax.linearize(outputs, floats)
