@@ -88,7 +88,10 @@ class Pass(NamedTuple):
         xs = (columns, weights, extra)
         moved = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # vectors first
         return chunking.chunked_sum(
-            lambda ys: one(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)), moved, chunk
+            lambda ys: one(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)),
+            moved,
+            chunk,
+            unrolled=True,
         )
 
 

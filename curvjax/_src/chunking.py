@@ -15,8 +15,10 @@ COLUMN_BUDGET = 1 << 25  # elements of cotangents held per chunk of backpropagat
 
 
 def chunk_size(num_rows: int, per_row_size: int, budget: int = BUDGET) -> int:
-    """Rows per chunk so that ``chunk × per_row_size ≲ budget``."""
-    return max(1, min(num_rows, budget // max(1, per_row_size)))
+    """Rows per chunk so that ``chunk × per_row_size ≲ budget``, balanced over the fewest chunks."""
+    most = max(1, min(num_rows, budget // max(1, per_row_size)))
+    num_chunks = -(-num_rows // most)
+    return -(-num_rows // num_chunks)
 
 
 def _split(xs, chunk: int):
@@ -32,14 +34,29 @@ def _split(xs, chunk: int):
     return jax.tree.map(split, xs), num_chunks, pad
 
 
-def chunked_sum(fn, xs, chunk: int):
+def chunked_sum(fn, xs, chunk: int, *, unrolled: bool = False):
     """``fn(xs)`` for a function that sums over the leading axis, evaluated ``chunk`` rows at a time.
 
-    ``fn`` must map zero rows to zero (padding rows are zeros).
+    ``fn`` must map zero rows to zero (padding rows are zeros). By default the chunks are the steps
+    of a ``lax.scan``; ``unrolled=True`` writes one copy of ``fn`` per chunk instead (no padding),
+    each made to wait for the previous one so that only one chunk's temporaries are live. XLA's
+    CPU backend runs convolutions and matrix products inside loops with slower kernels than
+    outside them, so the backpropagation of many vectors is unrolled (at some cost in compile time).
     """
     n = jax.tree.leaves(xs)[0].shape[0]
     if chunk >= n:
         return fn(xs)
+    if unrolled:
+        num_chunks = -(-n // chunk)
+        bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
+        total = None
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            rows = jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], xs)
+            if total is not None:
+                rows = _after(rows, total)
+            part = fn(rows)
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        return total
     chunks, _, _ = _split(xs, chunk)
     first = jax.tree.map(lambda x: x[0], chunks)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
@@ -49,6 +66,20 @@ def chunked_sum(fn, xs, chunk: int):
 
     total, _ = jax.lax.scan(body, zeros, chunks)
     return total
+
+
+def _after(xs, done):
+    """``xs`` made to depend on ``done``, so that XLA schedules what uses ``xs`` after ``done``.
+
+    (``optimization_barrier`` does not order independent work on XLA's CPU backend.) Adds
+    ``0 × (an element of done)``, which XLA keeps (it is NaN, not 0, when that element is not
+    finite -- and then the sum is not finite either).
+    """
+    smallest = min(jax.tree.leaves(done), key=lambda a: a.size)
+    zero = 0 * smallest.ravel()[0]
+    return jax.tree.map(
+        lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, xs
+    )
 
 
 def chunked_map(fn, xs, chunk: int):

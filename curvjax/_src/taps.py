@@ -32,6 +32,8 @@ import numpy as np
 from jax._src import source_info_util
 from jax.extend import core as jex
 
+from curvjax._src import pooling
+
 STATIC_CONST, STATIC_PARAM, ACTIVATION = 0, 1, 2
 
 # Primitives that only re-lay-out the elements of their single operand (a bijection).
@@ -484,6 +486,8 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
                 outs = [o if e is None else o + e for o, e in zip(outs, eps, strict=True)]
             if kind == "tap" and payload.id in rec.output_taps:
                 rec.outputs[payload.id] = tuple(outs)
+        elif pooling.supported(eqn):
+            outs = [pooling.reduce_window_max(invals[0], eqn.params)]
         else:
             outs = bind(eqn, invals)
         for var, val in zip(eqn.outvars, outs, strict=True):

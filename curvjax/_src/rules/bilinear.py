@@ -71,8 +71,15 @@ def sum_sq(form: Form, weights: jax.Array | None = None) -> jax.Array:
 
     def direct(abw):
         a, b, w = abw
-        grads = jnp.einsum("ngti,nmgto->nmgio", a, b)
-        return jnp.einsum("nm,nmgio->gio", w, grads**2)
+        rows = a.shape[0]
+        # g_{n,m} √|w_{n,m}| = A_nᵀ (B_{n,m} √|w_{n,m}|): the weight's root rides on B, its sign is
+        # applied to the squares; operands laid out [N·G, T, ...] so that the CPU dot needs no
+        # transposing copy of the contraction axis T
+        b = b * jnp.sqrt(jnp.abs(w)).astype(b.dtype)[:, :, None, None, None]
+        b = b.transpose(0, 2, 3, 1, 4).reshape(rows * g, t, m * o)
+        grads = jax.lax.dot_general(a.reshape(rows * g, t, i), b, (((1,), (1,)), ((0,), (0,))))
+        squares = grads.reshape(rows, g, i, m, o) ** 2  # [N, G, I, M, O]
+        return jnp.einsum("nm,ngimo->gio", jnp.sign(w).astype(b.dtype), squares)
 
     chunk = chunking.chunk_size(n, m * g * i * o)
     return form.to_param(chunking.chunked_sum(direct, (a, b, weights), chunk))
