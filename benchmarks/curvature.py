@@ -2,13 +2,16 @@
 
 For DeepOBS 3C3D with 10 and with 100 classes (CIFAR shapes, N = 64) it times, in one run,
 ``ggn_diag``, ``ggn_diag_mc``, ``kfac``, ``kflr`` and ``hvp`` as ratios to the jitted ``jax.grad`` of
-the same loss, and BackPACK's DiagGGNExact, DiagGGNMC, KFAC and KFLR on the same weights and data
-as ratios to its own backward pass. ``hessian_diag`` is timed on a small network with one sigmoid
-(BackPACK's Fig. 9 setting) against BackPACK's DiagHessian. XLA flops and temporary memory come
-from the compiled programs; curvjax backpropagates curvature vectors a chunk at a time inside a
-``lax.scan``, whose body ``cost_analysis`` counts once, so flops are given for the gradient only.
+the same loss (and to ``curvjax.grad``), and BackPACK's DiagGGNExact, DiagGGNMC, KFAC and KFLR on the
+same weights and data as ratios to its own backward pass. ``hessian_diag`` is timed on a small
+network with one sigmoid (BackPACK's Fig. 9 setting) against BackPACK's DiagHessian. XLA flops and
+temporary memory come from the compiled programs; the flops of quantities that form per-example
+gradients a chunk of examples at a time (``lax.scan``) count the loop body once, so they are a
+lower bound. The last column checks the targets of issue 4.
 
-Run ``python benchmarks/curvature.py`` (``--smoke`` for a tiny, fast configuration).
+``python benchmarks/overhead.py`` runs these rows after the first-order ones (``--part second`` for
+these only); ``python benchmarks/curvature.py`` runs them alone (``--smoke`` for a tiny, fast
+configuration).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def _jax_calls(apply_fn, variables, batch, rows):
     def plain_grad(p, b):
         return jax.grad(lambda q: overhead.mean_cross_entropy(apply_fn(q, b[0]), b[1]))(p)
 
-    fns = {"grad": plain_grad}
+    fns = {"grad": plain_grad, "curvjax.grad": lambda p, b: curvjax.grad(apply_fn, p, b)}
     table = {
         "ggn_diag": lambda p, b: curvjax.ggn_diag(apply_fn, p, b),
         "ggn_diag_mc": lambda p, b: curvjax.ggn_diag_mc(apply_fn, p, b, key=key),
@@ -189,29 +192,93 @@ def run_problem(
     return result
 
 
+#: Targets of issue 4, as ratios to the gradient (absolute) or to BackPACK's ratio (relative).
+TARGETS = {
+    "ggn_diag_mc": ("abs", 1.5),
+    "kfac": ("abs", 1.5),
+    "hvp": ("abs", 3.0),
+    "ggn_diag": ("backpack", 0.5),
+    "kflr": ("backpack", 0.5),
+}
+
+
+def _target_text(q, ratio, bp_ratio):
+    kind, value = TARGETS.get(q, (None, None))
+    if kind == "abs":
+        return f"≤ {value:g}× grad: {'met' if ratio <= value else 'MISSED'}"
+    if kind == "backpack" and bp_ratio is not None:
+        bound = value * bp_ratio
+        return f"≤ {bound:.2f}× (half BackPACK's): {'met' if ratio <= bound else 'MISSED'}"
+    return ""
+
+
 def markdown(results) -> str:
     lines = [
-        "| model | params | quantity | curvjax / jax.grad | BackPACK / its backward | "
-        "curvjax temp memory |",
-        "|---|---:|---|---:|---:|---:|",
+        "| model | quantity | curvjax ms | × jax.grad | × curvjax.grad | GFLOP | temp MiB | "
+        "BackPACK ms | BackPACK × its backward | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
+        grad_seconds = r["jax"]["grad"]["seconds"]
+        own_seconds = r["jax"]["curvjax.grad"]["seconds"]
         for q, v in r["jax"].items():
-            bp = r.get("backpack", {}).get(q)
-            bp_text = "" if bp is None else f"{bp['ratio']:.2f}"
-            mem = v.get("temp_bytes")
-            mem_text = "" if mem is None else f"{mem / 2**20:.0f} MiB"
-            lines.append(
-                f"| {r['model']} | {r['num_params']:,} | {q} | {v['ratio']:.2f} | {bp_text} | "
-                f"{mem_text} |"
-            )
-        base_bp = r.get("backpack", {}).get("grad")
-        bp_seconds = "" if base_bp is None else f"{base_bp['seconds']:.4f} s"
-        lines.append(
-            f"| {r['model']} | | baseline seconds | {r['jax']['grad']['seconds']:.4f} s | "
-            f"{bp_seconds} | |"
-        )
+            bp = r.get("backpack", {}).get("grad" if q == "curvjax.grad" else q)
+            if q == "curvjax.grad":
+                bp = None
+            flops, mem = v.get("flops"), v.get("temp_bytes")
+            ratio = v["seconds"] / grad_seconds
+            cells = [
+                r["model"],
+                q,
+                f"{1e3 * v['seconds']:.1f}",
+                f"{ratio:.2f}",
+                f"{v['seconds'] / own_seconds:.2f}",
+                "" if flops is None else f"{flops / 1e9:.2f}",
+                "" if mem is None else f"{mem / 2**20:.0f}",
+                "" if bp is None else f"{1e3 * bp['seconds']:.1f}",
+                "" if bp is None else f"{bp['ratio']:.2f}",
+                _target_text(q, ratio, None if bp is None else bp["ratio"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def problems(smoke: bool):
+    """``(name, model, input shape, NCHW twin, rows)`` of each network."""
+    if smoke:
+        small = {"conv_features": (4, 6, 8), "dense_features": (16, 8)}
+        return [
+            (
+                "3c3d-tiny (10 classes)",
+                models.ThreeC3D(num_classes=10, **small),
+                models.CIFAR_SHAPE,
+                True,
+                JAX_ROWS,
+            ),
+            ("sigmoid net", SigmoidNet(), (8, 8, 1), False, ("hessian_diag",)),
+        ]
+    return [
+        (
+            f"3c3d ({c} classes)",
+            models.ThreeC3D(num_classes=c),
+            models.CIFAR_SHAPE,
+            True,
+            JAX_ROWS,
+        )
+        for c in (10, 100)
+    ] + [("sigmoid net (Fig. 9)", SigmoidNet(), models.CIFAR_SHAPE, False, ("hessian_diag",))]
+
+
+def run_all(smoke: bool, repeats: int, batch_size: int, threads: int, use_torch: bool) -> list:
+    """Time every problem; print each table as it is done; return the results."""
+    results = []
+    for name, model, shape, nchw, rows in problems(smoke):
+        batch = 8 if smoke else batch_size
+        results.append(
+            run_problem(name, model, shape, nchw, rows, batch, repeats, 1, threads, use_torch)
+        )
+        print(markdown(results[-1:]), flush=True)
+    return results
 
 
 def main(argv=None) -> int:
@@ -225,43 +292,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.smoke else 10)
     use_torch = not args.no_torch and overhead.torch_available()
     threads = overhead.usable_cores()
-    if args.smoke:
-        small = {"conv_features": (4, 6, 8), "dense_features": (16, 8)}
-        problems = [
-            (
-                "3c3d-tiny (10 classes)",
-                models.ThreeC3D(num_classes=10, **small),
-                models.CIFAR_SHAPE,
-                True,
-                JAX_ROWS,
-            ),
-            ("sigmoid net", SigmoidNet(), (8, 8, 1), False, ("hessian_diag",)),
-        ]
-        batch = 8
-    else:
-        problems = [
-            (
-                "3c3d (10 classes)",
-                models.ThreeC3D(num_classes=10),
-                models.CIFAR_SHAPE,
-                True,
-                JAX_ROWS,
-            ),
-            (
-                "3c3d (100 classes)",
-                models.ThreeC3D(num_classes=100),
-                models.CIFAR_SHAPE,
-                True,
-                JAX_ROWS,
-            ),
-            ("sigmoid net (Fig. 9)", SigmoidNet(), models.CIFAR_SHAPE, False, ("hessian_diag",)),
-        ]
-        batch = args.batch_size
-    results = [
-        run_problem(n, m, s, c, rows, batch, repeats, 1, threads, use_torch)
-        for n, m, s, c, rows in problems
-    ]
-    print(markdown(results))
+    results = run_all(args.smoke, repeats, args.batch_size, threads, use_torch)
     if args.json:
         args.json.write_text(
             json.dumps(

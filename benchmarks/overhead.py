@@ -685,6 +685,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--no-torch", action="store_true", help="skip the BackPACK comparison")
     parser.add_argument(
+        "--part",
+        choices=("first", "second", "all"),
+        default="all",
+        help="first-order rows, second-order rows (curvature.py: ggn_diag, ggn_diag_mc, kfac, "
+        "kflr, hvp on 3c3d with 10 and 100 classes, hessian_diag on a sigmoid net), or both",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -733,7 +740,8 @@ def main(argv=None) -> int:
             + ")"
         )
     summaries = []
-    for problem in make_problems(args.batch_size, args.smoke, args.models):
+    first = make_problems(args.batch_size, args.smoke, args.models) if args.part != "second" else []
+    for problem in first:
         print(f"\n{problem.name}: {problem.num_params:,} parameters", flush=True)
         jax_result = run_jax(problem, args.repeats, args.warmup, vmap_rows=not args.smoke)
         reference = jax_result["reference"]
@@ -748,6 +756,14 @@ def main(argv=None) -> int:
             f"timing JAX {jax_result['timing_seconds']:.1f} s"
             + (f", torch {torch_result['timing_seconds']:.1f} s)" if torch_result else ")"),
             flush=True,
+        )
+    second_order = None
+    if args.part != "first":
+        import curvature  # noqa: PLC0415  (sits beside this script; imports this module)
+
+        print("\nsecond-order quantities (curvature.py)", flush=True)
+        second_order = curvature.run_all(
+            args.smoke, args.repeats, args.batch_size, usable_cores(), use_torch
         )
     missing = [
         name
@@ -774,6 +790,7 @@ def main(argv=None) -> int:
                 "load_average_at_end": _load_average(),
             },
             "results": summaries,
+            "second_order": second_order,
             "failed_checks": failures,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
