@@ -58,7 +58,13 @@ def _jax_calls(apply_fn, variables, batch, rows):
     def plain_grad(p, b):
         return jax.grad(lambda q: overhead.mean_cross_entropy(apply_fn(q, b[0]), b[1]))(p)
 
-    fns = {"grad": plain_grad, "curvjax.grad": lambda p, b: curvjax.grad(apply_fn, p, b)}
+    fns = {
+        "grad": plain_grad,
+        "curvjax.grad": lambda p, b: curvjax.grad(apply_fn, p, b),
+        # the loss gradient through curvjax's per-example evaluator of the taps, which the
+        # curvature quantities start from (with its faster max-pool derivative)
+        "extract (loss, grad)": lambda p, b: curvjax.extract(apply_fn, p, b),
+    }
     table = {
         "ggn_diag": lambda p, b: curvjax.ggn_diag(apply_fn, p, b),
         "ggn_diag_mc": lambda p, b: curvjax.ggn_diag_mc(apply_fn, p, b, key=key),
