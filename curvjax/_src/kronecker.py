@@ -92,17 +92,23 @@ def blocks_to_dense(blocks) -> jax.Array:
     return jax.scipy.linalg.block_diag(*mats)
 
 
+def _gram_of_rows(rows):
+    """``Σ_r x_r x_rᵀ`` per group for ``rows`` ``[G, R, D]`` -> ``[G, D, D]``.
+
+    The rows are the major axis of each group's operand: XLA's CPU dot then reads them in place
+    instead of first copying them into a layout with the contraction axis minor.
+    """
+    return jax.lax.dot_general(rows, rows, (((1,), (1,)), ((0,), (0,))))
+
+
 def _input_factor(form, n: int):
-    t = form.a.shape[2]
-    return jnp.einsum("ngti,ngtj->gij", form.a, form.a) / (n * t)
+    _, g, t, i = form.a.shape
+    return _gram_of_rows(jnp.moveaxis(form.a, 1, 0).reshape(g, n * t, i)) / (n * t)
 
 
 def _output_factor(form):
-    # rows (n, m, t) of each group as the major axis of a 2-D operand: XLA's CPU dot then reads
-    # the cotangents in place instead of transposing them to put the contraction axis minor
     n, m, g, t, o = form.b.shape
-    rows = jnp.moveaxis(form.b, 2, 0).reshape(g, n * m * t, o)
-    return jax.lax.dot_general(rows, rows, (((1,), (1,)), ((0,), (0,))))
+    return _gram_of_rows(jnp.moveaxis(form.b, 2, 0).reshape(g, n * m * t, o))
 
 
 def _layout(p: backprop.Pass):
