@@ -12,10 +12,13 @@ import jax.numpy as jnp
 
 BUDGET = 1 << 22  # elements held at once per chunk of examples (16 MiB in float32)
 COLUMN_BUDGET = 1 << 25  # elements of cotangents held per chunk of backpropagated vectors
+MAX_UNROLLED = 48  # more chunks than this run as a loop even when unrolling is asked for
 
 
-def chunk_size(num_rows: int, per_row_size: int, budget: int = BUDGET) -> int:
-    """Rows per chunk so that ``chunk × per_row_size ≲ budget``, balanced over the fewest chunks."""
+def chunk_size(num_rows: int, per_row_size: int, budget: int | None = None) -> int:
+    """Rows per chunk so that ``chunk × per_row_size ≲ budget`` (default :data:`BUDGET`), balanced
+    over the fewest chunks."""
+    budget = BUDGET if budget is None else budget
     most = max(1, min(num_rows, budget // max(1, per_row_size)))
     num_chunks = -(-num_rows // most)
     return -(-num_rows // num_chunks)
@@ -41,13 +44,14 @@ def chunked_sum(fn, xs, chunk: int, *, unrolled: bool = False):
     of a ``lax.scan``; ``unrolled=True`` writes one copy of ``fn`` per chunk instead (no padding),
     each made to wait for the previous one so that only one chunk's temporaries are live. XLA's
     CPU backend runs convolutions and matrix products inside loops with slower kernels than
-    outside them, so the backpropagation of many vectors is unrolled (at some cost in compile time).
+    outside them, so the backpropagation of many vectors is unrolled, at some cost in compile
+    time; beyond :data:`MAX_UNROLLED` chunks the loop is kept to bound that cost.
     """
     n = jax.tree.leaves(xs)[0].shape[0]
     if chunk >= n:
         return fn(xs)
-    if unrolled:
-        num_chunks = -(-n // chunk)
+    num_chunks = -(-n // chunk)
+    if unrolled and num_chunks <= MAX_UNROLLED:
         bounds = [n * c // num_chunks for c in range(num_chunks + 1)]
         total = None
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -75,8 +79,10 @@ def _after(xs, done):
     ``0 × (an element of done)``, which XLA keeps (it is NaN, not 0, when that element is not
     finite -- and then the sum is not finite either).
     """
-    smallest = min(jax.tree.leaves(done), key=lambda a: a.size)
-    zero = 0 * smallest.ravel()[0]
+    leaves = [a for a in jax.tree.leaves(done) if a.size]
+    if not leaves:
+        return xs
+    zero = 0 * min(leaves, key=lambda a: a.size).ravel()[0]
     return jax.tree.map(
         lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, xs
     )
