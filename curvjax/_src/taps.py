@@ -267,6 +267,23 @@ def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
 
 
+# Calls without a derivative rule of their own: entering them changes no derivative.
+_PLAIN_CALLS = frozenset(
+    {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
+)
+
+
+def _has_max_pool(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a plain call inside it) has a max-pool with curvjax's derivative."""
+    for eqn in jaxpr.eqns:
+        if pooling.supported(eqn):
+            return True
+        sub = _subjaxpr(eqn) if eqn.primitive.name in _PLAIN_CALLS else None
+        if sub is not None and _has_max_pool(sub[0]):
+            return True
+    return False
+
+
 def _subjaxpr(eqn):
     for name in ("jaxpr", "call_jaxpr"):
         sub = eqn.params.get(name)
@@ -356,13 +373,17 @@ def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
 def _activation_step(eqn, deps, sub, found: _Found):
     """Step for an equation of activations only: bound as is, a Hessian node, or nested."""
     if not found.residuals:
+        if sub is not None and eqn.primitive.name in _PLAIN_CALLS and _has_max_pool(sub[0]):
+            plan, out_deps = _analyse(sub[0], sub[1], deps, found)  # for pooling's derivative
+            return ("nested", plan), out_deps
         return ("act", None), None
     name = eqn.primitive.name
     acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
     if sub is not None:
         trial = _Found([], [], [], True)
         _analyse(sub[0], sub[1], deps, trial)
-        if not trial.nodes and not trial.unsupported and not trial.taps:
+        pools = eqn.primitive.name in _PLAIN_CALLS and _has_max_pool(sub[0])
+        if not trial.nodes and not trial.unsupported and not trial.taps and not pools:
             return ("act", None), None
         plan, out_deps = _analyse(sub[0], sub[1], deps, found)
         return ("nested", plan), out_deps
