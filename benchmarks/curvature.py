@@ -228,9 +228,7 @@ def markdown(results) -> str:
         grad_seconds = r["jax"]["grad"]["seconds"]
         own_seconds = r["jax"]["curvjax.grad"]["seconds"]
         for q, v in r["jax"].items():
-            bp = r.get("backpack", {}).get("grad" if q == "curvjax.grad" else q)
-            if q == "curvjax.grad":
-                bp = None
+            bp = r.get("backpack", {}).get(q)
             flops, mem = v.get("flops"), v.get("temp_bytes")
             ratio = v["seconds"] / grad_seconds
             cells = [

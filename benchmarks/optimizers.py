@@ -138,30 +138,17 @@ def time_blocks(runners: dict, repeats: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
 def environment(packages) -> dict[str, Any]:
     import jax
     import jaxlib
 
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        cpu_model = platform.processor() or None
+    sys.path.insert(0, str(HERE))
+    from overhead import cpu_model, load_average
+
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
@@ -604,6 +591,8 @@ def main(argv=None) -> int:
     if not args.skip_digits:
         report["digits"] = time_to_accuracy(args)
         print(digits_table(report["digits"]))
+    from overhead import load_average  # (environment() put this folder on the path)
+
     report["settings"]["load_average_at_end"] = load_average()
     print(
         f"\nload average (1 min) at start {report['environment']['load_average']}, "

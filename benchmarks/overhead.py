@@ -286,6 +286,13 @@ def time_round_robin(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
     return {name: statistics.median(values) for name, values in samples.items()}, samples
 
 
+def _timed(calls, repeats: int, warmup: int):
+    """:func:`time_round_robin`, and the seconds the whole timing took."""
+    start = time.perf_counter()
+    medians, samples = time_round_robin(calls, repeats, warmup)
+    return medians, samples, time.perf_counter() - start
+
+
 def relative_error(value, reference) -> float:
     """``max over leaves of max |value - reference| / max |reference|``."""
     errors = []
@@ -340,9 +347,7 @@ def run_jax(problem: Problem, repeats: int, warmup: int, vmap_rows: bool) -> dic
         name: (lambda fn=fn: jax.block_until_ready(fn(params, batch)))
         for name, fn in compiled.items()
     }
-    start = time.perf_counter()
-    medians, samples = time_round_robin(calls, repeats, warmup)
-    timing_seconds = time.perf_counter() - start
+    medians, samples, timing_seconds = _timed(calls, repeats, warmup)
     return {
         "seconds": medians,
         "samples": samples,
@@ -443,9 +448,7 @@ def run_backpack(
         errors[name] = relative_error(values, expected)
     extended.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    medians, samples = time_round_robin(calls, repeats, warmup)
-    timing_seconds = time.perf_counter() - start
+    medians, samples, timing_seconds = _timed(calls, repeats, warmup)
     return {
         "seconds": medians,
         "samples": samples,
@@ -468,31 +471,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _load_average() -> float | None:
+def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
 
 
-def environment() -> dict[str, Any]:
-    """Versions, CPU model, core count and platform."""
-    import jaxlib
-
-    cpu_model = None
+def cpu_model() -> str | None:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
-        cpu_model = platform.processor() or None
+        pass
+    return platform.processor() or None
+
+
+def environment() -> dict[str, Any]:
+    """Versions, CPU model, core count and platform."""
+    import jaxlib
+
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "jax": jax.__version__,
@@ -502,7 +508,7 @@ def environment() -> dict[str, Any]:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # Other processes on the machine distort the timings; the 1-minute load average at the
         # start (and, in "settings", at the end) of the run tells whether there were any.
-        "load_average_at_start": _load_average(),
+        "load_average_at_start": load_average(),
     }
     for package in ("flax", "optax", "numpy", "curvjax", "torch", "backpack"):
         try:
@@ -787,7 +793,7 @@ def main(argv=None) -> int:
                 "models": list(args.models),
                 "torch_threads": args.threads if use_torch else None,
                 "relative_tolerance": RELATIVE_TOLERANCE,
-                "load_average_at_end": _load_average(),
+                "load_average_at_end": load_average(),
             },
             "results": summaries,
             "second_order": second_order,
@@ -798,7 +804,7 @@ def main(argv=None) -> int:
         print(f"\nwrote {args.json}")
     print(
         f"total {time.perf_counter() - start:.1f} s; load average "
-        f"{_fmt(env['load_average_at_start'])} at the start, {_fmt(_load_average())} at the end "
+        f"{_fmt(env['load_average_at_start'])} at the start, {_fmt(load_average())} at the end "
         "(much above 0 means that other processes ran and distorted the times)"
     )
     return 1 if failures else 0

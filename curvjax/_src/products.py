@@ -16,15 +16,13 @@ from curvjax._src import backprop
 from curvjax._src import losses as losses_lib
 
 
-def whole_batch(apply_fn, params, batch, loss, reduction):
-    """The reduced loss of the whole batch as a function of the float leaves, and helpers.
+def float_split(params):
+    """The floating-point leaves of ``params`` and the maps between them and pytrees.
 
-    Returns ``(loss_fn, κ, targets, float leaves, outputs(fl), reduced(fl), to_tree, from_tree)``.
+    Returns ``(floats, merge, to_tree, from_tree)``: ``merge(fl)`` is ``params`` with its float
+    leaves replaced by ``fl``; ``to_tree(values)`` a params-shaped tree with ``None`` at the other
+    leaves; ``from_tree(tree)`` the float-leaf entries of a params-shaped tree, as a list.
     """
-    inputs, targets = backprop.validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    scale = losses_lib.reduction_scale(reduction, n)
     leaves, tree = jax.tree.flatten(params)
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
     floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
@@ -35,12 +33,6 @@ def whole_batch(apply_fn, params, batch, loss, reduction):
             tree, [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
         )
 
-    def outputs(fl):
-        return apply_fn(merge(fl), inputs)
-
-    def reduced(fl):
-        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(fl), targets))
-
     def to_tree(values):
         it = iter(values)
         return jax.tree.unflatten(tree, [next(it) if f else None for f in is_float])
@@ -48,6 +40,26 @@ def whole_batch(apply_fn, params, batch, loss, reduction):
     def from_tree(vector):
         flat = tree.flatten_up_to(vector)
         return [v for v, f in zip(flat, is_float, strict=True) if f]
+
+    return floats, merge, to_tree, from_tree
+
+
+def whole_batch(apply_fn, params, batch, loss, reduction):
+    """The reduced loss of the whole batch as a function of the float leaves, and helpers.
+
+    Returns ``(loss_fn, κ, targets, float leaves, outputs(fl), reduced(fl), to_tree, from_tree)``.
+    """
+    inputs, targets = backprop.validate_batch(batch)
+    loss_fn = losses_lib.resolve(loss)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    scale = losses_lib.reduction_scale(reduction, n)
+    floats, merge, to_tree, from_tree = float_split(params)
+
+    def outputs(fl):
+        return apply_fn(merge(fl), inputs)
+
+    def reduced(fl):
+        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(fl), targets))
 
     return loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree
 

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from curvjax._src import backprop, kronecker
-from curvjax._src import losses as losses_lib
+from curvjax._src import kronecker, products
 
 
 class LinearOperator(NamedTuple):
@@ -48,40 +47,36 @@ class LinearOperator(NamedTuple):
         return jax.vmap(self.matvec)(jnp.eye(self.size, dtype=self.dtype)).T
 
 
-def _flattening(params):
-    leaves, tree = jax.tree.flatten(params)
-    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+def _flat(floats, to_tree, from_tree):
+    """``(flat, unravel, to_tree, from_tree)`` of float leaves, the maps on flat vectors."""
     flat, unravel = ravel_pytree(floats)
+    return (
+        flat,
+        unravel,
+        lambda v: to_tree(unravel(v)),
+        lambda t: ravel_pytree(from_tree(t))[0],
+    )
 
-    def merge(fl):
-        it = iter(fl)
-        return jax.tree.unflatten(
-            tree, [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
-        )
 
-    def to_tree(v):
-        it = iter(unravel(v))
-        return jax.tree.unflatten(tree, [next(it) if f else None for f in is_float])
-
-    def from_tree(t):
-        flat_t = tree.flatten_up_to(t)
-        return ravel_pytree([x for x, f in zip(flat_t, is_float, strict=True) if f])[0]
-
-    return floats, flat, unravel, merge, to_tree, from_tree
+def _flattening(params):
+    floats, _, to_tree, from_tree = products.float_split(params)
+    return floats, *_flat(floats, to_tree, from_tree)
 
 
 def _model(apply_fn, params, batch, loss, reduction):
-    inputs, targets = backprop.validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    scale = losses_lib.reduction_scale(reduction, n)
-    floats, flat, unravel, merge, to_tree, from_tree = _flattening(params)
-
-    def outputs(v):
-        return apply_fn(merge(unravel(v)), inputs)
-
-    return loss_fn, scale, targets, flat, outputs, to_tree, from_tree
+    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = products.whole_batch(
+        apply_fn, params, batch, loss, reduction
+    )
+    flat, unravel, to_flat_tree, from_flat_tree = _flat(floats, to_tree, from_tree)
+    return (
+        loss_fn,
+        scale,
+        targets,
+        flat,
+        lambda v: outputs(unravel(v)),
+        to_flat_tree,
+        from_flat_tree,
+    )
 
 
 def hessian_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
@@ -185,7 +180,7 @@ def diagonal_operator(diagonal, params):
 
     Its eigenvalues are the entries, its trace their sum.
     """
-    _, _, _, _, to_tree, from_tree = _flattening(params)
+    _, _, _, to_tree, from_tree = _flattening(params)
     d = from_tree(diagonal)
     return LinearOperator(
         lambda v: d * v,
@@ -236,9 +231,9 @@ def blocks_operator(blocks, params):
     Exact eigenvalues: per Kronecker block the products ``λ_i(A_g) λ_o(B_g)``, per dense block
     its eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
     """
-    _, flat, _, _, to_tree, from_tree = _flattening(params)
+    floats, flat, _, to_tree, from_tree = _flattening(params)
     block_list = jax.tree.leaves(blocks, is_leaf=_is_block)
-    sizes = [int(jnp.size(x)) for x in jax.tree.leaves(_flattening(params)[0])]
+    sizes = [int(jnp.size(x)) for x in floats]
     offsets = [0]
     for s in sizes:
         offsets.append(offsets[-1] + s)
