@@ -64,7 +64,8 @@ def _flattening(params):
 
 
 def _model(apply_fn, params, batch, loss, reduction):
-    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = products.whole_batch(
+    """:func:`products.whole_batch` on flat vectors: ``(…, flat, outputs(v), reduced(v), …)``."""
+    loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree = products.whole_batch(
         apply_fn, params, batch, loss, reduction
     )
     flat, unravel, to_flat_tree, from_flat_tree = _flat(floats, to_tree, from_tree)
@@ -74,6 +75,7 @@ def _model(apply_fn, params, batch, loss, reduction):
         targets,
         flat,
         lambda v: outputs(unravel(v)),
+        lambda v: reduced(unravel(v)),
         to_flat_tree,
         from_flat_tree,
     )
@@ -88,13 +90,7 @@ def hessian_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction
     Returns:
       A :class:`LinearOperator`.
     """
-    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
-        apply_fn, params, batch, loss, reduction
-    )
-
-    def reduced(v):
-        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(v), targets))
-
+    _, _, _, flat, _, reduced, to_tree, from_tree = _model(apply_fn, params, batch, loss, reduction)
     _, matvec = jax.linearize(jax.grad(reduced), flat)
     return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
 
@@ -121,7 +117,7 @@ def ggn_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="me
     Returns:
       A :class:`LinearOperator`.
     """
-    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
+    loss_fn, scale, targets, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
     factors = jax.vmap(loss_fn.hessian_factor)(outputs(flat), targets)
@@ -141,7 +137,7 @@ def fisher_operator(
     Returns:
       A :class:`LinearOperator` (fixed samples: a symmetric PSD matrix).
     """
-    loss_fn, scale, _, flat, outputs, to_tree, from_tree = _model(
+    loss_fn, scale, _, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
     out = outputs(flat)
@@ -159,7 +155,7 @@ def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", 
     Returns:
       A :class:`LinearOperator`.
     """
-    loss_fn, scale, targets, flat, outputs, to_tree, from_tree = _model(
+    loss_fn, scale, targets, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
 
