@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from curvjax._src import backprop, leafwise, products
+from curvjax._src import backprop, leafwise, primitives, products
 from curvjax._src import taps as taps_lib
 
 
@@ -58,7 +58,7 @@ def _node_columns(node: taps_lib.Node, statics, inputs, delta):
             invals[pos] = v
         for pos, v in zip(node.act_positions, us, strict=True):
             invals[pos] = v
-        return jnp.sum(delta * taps_lib.bind(eqn, invals)[0])
+        return jnp.sum(delta * primitives.bind(eqn, invals)[0])
 
     grad = jax.grad(value, argnums=tuple(range(k)))
     rows = []

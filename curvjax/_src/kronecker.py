@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvjax._src import backprop, diagonals, leafwise, rules
+from curvjax._src.rules import dense
 
 
 class KroneckerBlock(NamedTuple):
@@ -158,7 +159,7 @@ def chain_of(model) -> list:
     problem = None
     if not kernels:
         problem = "it has no dense layer"
-    elif any(t.primitive != "dot_general" for t in kernels):
+    elif any(t.info.rule is not dense for t in kernels):
         problem = "KFRA is implemented for chains of dense layers, and it has a convolution"
     else:
         previous = frozenset()

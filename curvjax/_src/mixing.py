@@ -20,51 +20,39 @@ axis locate the example index in the shape: axis ``j`` *holds* the example index
 when ``d_j == 1``, or ``st_j * d_j`` divides ``s``, or ``N * s`` divides ``st_j``; reducing,
 sorting or windowing along an axis that is not free combines examples.
 
-Each primitive has a small rule (the ``_RULES`` table) that maps the strides of its inputs to the
+Each primitive has a small rule (its ``mixing`` entry in :mod:`curvjax._src.primitives`) that maps the strides of its inputs to the
 strides of its outputs and reports the equation when it combines examples: elementwise operations
 whose operands index examples differently, reductions / cumulative ops / sorts / pooling over the
 example axis, ``dot_general`` contracting it or pairing two batched operands, convolutions over it,
 and slicing, padding, concatenating or reversing it. Nested jaxprs (``jit``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``remat``, ``closed_call``, ``cond``, ``scan``, ``while``) are entered.
-Unknown primitives and cases the rules cannot follow stop the tracking of their outputs (the
-outputs are treated as independent of the examples): the detector prefers a miss to a false alarm.
+Cases the rules cannot follow stop the tracking of their outputs (the outputs are treated as
+independent of the examples): the detector prefers a miss to a false alarm. A primitive without a
+rule that receives batched data is reported by an :class:`UnknownPrimitiveWarning` naming it and
+its source line, so that such a miss is never silent.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from jax.extend import source_info_util
-from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
+from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 
 __all__ = ["check_no_batch_mixing", "find_batch_mixing"]
 
 Stride = int | None
 
-_STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
 
-_ELEMENTWISE = frozenset(
-    """
-    abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil
-    clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc
-    exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag integer_pow is_finite le lgamma log
-    log1p logistic lt max min mul ne neg nextafter not or polygamma population_count pow
-    random_gamma_grad real reduce_precision regularized_incomplete_beta rem round rsqrt select_n
-    shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient
-    sub tan tanh xor zeta
-    """.split()
-)
-_IDENTITY = frozenset("optimization_barrier sharding_constraint device_put".split())
-_REDUCTIONS = frozenset(
-    "reduce reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor argmax "
-    "argmin".split()
-)
-_CUMULATIVE = frozenset("cumsum cumprod cummax cummin cumlogsumexp".split())
-_WINDOWED = frozenset("reduce_window reduce_window_sum reduce_window_max reduce_window_min".split())
-_SCATTERS = frozenset("scatter scatter-add scatter-sub scatter-mul scatter-min scatter-max".split())
+class UnknownPrimitiveWarning(UserWarning):
+    """The batch-mixing check met a primitive it has no rule for, receiving batched data."""
+
+
+_STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
 
 
 class _Context:
@@ -75,6 +63,12 @@ class _Context:
         self.reports: list[str] = []
         self.scope = ""
         self.where = ""
+        self.unknown_lines: list[str] = []
+
+    def unknown(self, eqn: JaxprEqn) -> None:
+        """Record an equation of a primitive without a mixing rule that receives batched data."""
+        where = _where(eqn) or self.where or "unknown source line"
+        self.unknown_lines.append(f"`{eqn.primitive.name}` ({where})")
 
     def report(self, eqn: JaxprEqn, what: str) -> None:
         scope = "/".join(p for p in (self.scope, str(eqn.source_info.name_stack)) if p)
@@ -126,7 +120,7 @@ def _none(eqn: JaxprEqn) -> list[Stride]:
 # ----------------------------------------------------------------------------- rules
 
 
-def _elementwise(eqn, ins, ctx):
+def elementwise_rule(eqn, ins, ctx):
     # Operands have the output's rank; dimensions of size one broadcast implicitly.
     out = _shape(eqn.outvars[0])
     strides = set()
@@ -144,11 +138,11 @@ def _elementwise(eqn, ins, ctx):
     return [s if _shape(v) == out else None for v in eqn.outvars]
 
 
-def _identity(eqn, ins, ctx):
+def identity_rule(eqn, ins, ctx):
     return list(ins[: len(eqn.outvars)])
 
 
-def _reshape(eqn, ins, ctx):
+def reshape_rule(eqn, ins, ctx):
     # A reshape keeps row-major flat positions, hence the stride; `dimensions` transposes first.
     dims = eqn.params.get("dimensions")
     if dims is None:
@@ -160,7 +154,7 @@ def _reshape(eqn, ins, ctx):
     return [_place([shape[d] for d in dims], list(dims).index(loc[0]), loc[1])]
 
 
-def _broadcast_in_dim(eqn, ins, ctx):
+def broadcast_in_dim_rule(eqn, ins, ctx):
     loc = _locate(_shape(eqn.invars[0]), ins[0], ctx.n)
     if loc is None:
         return [None]
@@ -168,7 +162,7 @@ def _broadcast_in_dim(eqn, ins, ctx):
     return [_place(_shape(eqn.outvars[0]), eqn.params["broadcast_dimensions"][j], q)]
 
 
-def _transpose(eqn, ins, ctx):
+def transpose_rule(eqn, ins, ctx):
     loc = _locate(_shape(eqn.invars[0]), ins[0], ctx.n)
     if loc is None:
         return [None]
@@ -205,13 +199,13 @@ def _along_axes(eqn, ins, ctx, axes, what, removed=False, operands=None):
     return _along(ctx, eqn, eqn.invars[:k], ins[:k], eqn.outvars, axes, what, removed)
 
 
-def _reduction(eqn, ins, ctx):
+def reduction_rule(eqn, ins, ctx):
     axes = eqn.params.get("axes", eqn.params.get("dimensions"))
     operands = len(eqn.outvars) if eqn.primitive.name == "reduce" else None
     return _along_axes(eqn, ins, ctx, axes, "reduces over", removed=True, operands=operands)
 
 
-def _collective(eqn, ins, ctx):
+def collective_rule(eqn, ins, ctx):
     # vmap turns a collective over the vmapped axis name into integer (positional) axes.
     axes = [a for a in eqn.params["axes"] if isinstance(a, int)]
     return [
@@ -220,28 +214,28 @@ def _collective(eqn, ins, ctx):
     ]
 
 
-def _cumulative(eqn, ins, ctx):
+def cumulative_rule(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, [eqn.params["axis"]], "accumulates along")
 
 
-def _sort(eqn, ins, ctx):
+def sort_rule(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, [eqn.params["dimension"]], "sorts along")
 
 
-def _top_k(eqn, ins, ctx):
+def top_k_rule(eqn, ins, ctx):
     axis = eqn.params.get("axis", len(_shape(eqn.invars[0])) - 1)
     return _along_axes(eqn, ins, ctx, [axis], "selects the top k along")
 
 
-def _split(eqn, ins, ctx):
+def split_rule(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, [eqn.params["axis"]], "splits")
 
 
-def _rev(eqn, ins, ctx):
+def rev_rule(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, eqn.params["dimensions"], "reverses")
 
 
-def _windowed(eqn, ins, ctx):
+def windowed_rule(eqn, ins, ctx):
     p, shape = eqn.params, _shape(eqn.invars[0])
     ones = (1,) * len(shape)
     moving = [
@@ -255,7 +249,7 @@ def _windowed(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, moving, "pools over", operands=len(eqn.outvars))
 
 
-def _slice(eqn, ins, ctx):
+def slice_rule(eqn, ins, ctx):
     shape, p = _shape(eqn.invars[0]), eqn.params
     strides = p["strides"] or (1,) * len(shape)
     cut = [
@@ -266,16 +260,43 @@ def _slice(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, cut, "slices")
 
 
-def _pad(eqn, ins, ctx):
+def pad_rule(eqn, ins, ctx):
     padded = [a for a, cfg in enumerate(eqn.params["padding_config"]) if tuple(cfg) != (0, 0, 0)]
     return _along_axes(eqn, ins, ctx, padded, "pads", operands=1)
 
 
-def _concatenate(eqn, ins, ctx):
+def concatenate_rule(eqn, ins, ctx):
     return _along_axes(eqn, ins, ctx, [eqn.params["dimension"]], "concatenates along")
 
 
-def _dynamic_slice(eqn, ins, ctx):
+def stack_rule(eqn, ins, ctx):
+    # Every operand gains the new axis ``axis``; the operands must index examples alike.
+    axis, out = eqn.params["axis"], _shape(eqn.outvars[0])
+    locs = set()
+    for var, s in zip(eqn.invars, ins, strict=True):
+        if s is None:
+            continue
+        loc = _locate(_shape(var), s, ctx.n)
+        if loc is None:
+            return [None]
+        locs.add(loc)
+    if len(locs) > 1:
+        ctx.report(eqn, "combines operands that index examples along different axes")
+        return [None]
+    ((j, q),) = locs
+    return [_place(out, j if j < axis else j + 1, q)]
+
+
+def tile_rule(eqn, ins, ctx):
+    # Repeating an array keeps the example index of each element: ``(i // s) % N`` with the
+    # example axis's stride in the tiled shape (a repeat along the example axis is a copy).
+    loc = _locate(_shape(eqn.invars[0]), ins[0], ctx.n)
+    if loc is None:
+        return [None]
+    return [_place(_shape(eqn.outvars[0]), *loc)]
+
+
+def dynamic_slice_rule(eqn, ins, ctx):
     shape, sizes = _shape(eqn.invars[0]), eqn.params["slice_sizes"]
     loc = None if ins[0] is None else _locate(shape, ins[0], ctx.n)
     if loc is None or any(s is not None for s in ins[1:]) or sizes[loc[0]] != shape[loc[0]]:
@@ -283,7 +304,7 @@ def _dynamic_slice(eqn, ins, ctx):
     return [_place(_shape(eqn.outvars[0]), *loc)]
 
 
-def _dynamic_update_slice(eqn, ins, ctx):
+def dynamic_update_slice_rule(eqn, ins, ctx):
     operand, update = _shape(eqn.invars[0]), _shape(eqn.invars[1])
     locs = {
         _locate(shape, s, ctx.n)
@@ -298,7 +319,7 @@ def _dynamic_update_slice(eqn, ins, ctx):
     return [_place(operand, *loc)]
 
 
-def _dot_general(eqn, ins, ctx):
+def dot_general_rule(eqn, ins, ctx):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = _shape(eqn.invars[0]), _shape(eqn.invars[1])
     lhs_free = [a for a in range(len(lhs)) if a not in lc and a not in lb]
@@ -324,7 +345,7 @@ def _dot_general(eqn, ins, ctx):
     return [_place(_shape(eqn.outvars[0]), *places[0])]
 
 
-def _conv(eqn, ins, ctx):
+def conv_rule(eqn, ins, ctx):
     p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
     lhs, rhs, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
@@ -356,7 +377,7 @@ def _conv(eqn, ins, ctx):
     return [None]
 
 
-def _gather(eqn, ins, ctx):
+def gather_rule(eqn, ins, ctx):
     dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
     operand, indices, out = _shape(eqn.invars[0]), _shape(eqn.invars[1]), _shape(eqn.outvars[0])
     out_batch = [d for d in range(len(out)) if d not in dn.offset_dims]
@@ -389,7 +410,7 @@ def _gather(eqn, ins, ctx):
     return [_place(out, *places[0])]
 
 
-def _scatter(eqn, ins, ctx):
+def scatter_rule(eqn, ins, ctx):
     dn = eqn.params["dimension_numbers"]
     operand, indices, updates = (_shape(v) for v in eqn.invars[:3])
     window = [
@@ -444,7 +465,7 @@ def _inner(ctx, eqn, jaxpr, ins):
         ctx.scope, ctx.where = saved
 
 
-def _call(param):
+def call_rule(param):
     def rule(eqn, ins, ctx):
         outs = _inner(ctx, eqn, eqn.params[param], ins)
         return outs if len(outs) == len(eqn.outvars) else _none(eqn)
@@ -452,7 +473,7 @@ def _call(param):
     return rule
 
 
-def _cond(eqn, ins, ctx):
+def cond_rule(eqn, ins, ctx):
     if ins[0] is not None:
         return _none(eqn)
     outs = [_inner(ctx, eqn, branch, ins[1:]) for branch in eqn.params["branches"]]
@@ -477,11 +498,12 @@ def _fixed_point(ctx, init, body):
                 carry[i], unstable[i] = None, True
         if not changed:
             ctx.reports.extend(trial.reports)
+            ctx.unknown_lines.extend(trial.unknown_lines)
             return [None if i < len(carry) and unstable[i] else o for i, o in enumerate(outs)]
     return None
 
 
-def _while(eqn, ins, ctx):
+def while_rule(eqn, ins, ctx):
     # The loop condition is not inspected: under vmap it reduces a batched predicate over the
     # examples (`reduce_or`), which is legitimate per-example control flow.
     nc = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
@@ -492,7 +514,7 @@ def _while(eqn, ins, ctx):
     return _none(eqn) if outs is None else outs
 
 
-def _scan(eqn, ins, ctx):
+def scan_rule(eqn, ins, ctx):
     nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
     xs = []
     for v, s in zip(eqn.invars[nc + ncarry :], ins[nc + ncarry :], strict=True):
@@ -512,66 +534,28 @@ def _scan(eqn, ins, ctx):
     return outs[:ncarry] + ys
 
 
-_RULES: dict[str, Callable[[JaxprEqn, list[Stride], _Context], list[Stride]]] = {
-    **dict.fromkeys(_ELEMENTWISE, _elementwise),
-    **dict.fromkeys(_IDENTITY, _identity),
-    **dict.fromkeys(_REDUCTIONS, _reduction),
-    **dict.fromkeys(_CUMULATIVE, _cumulative),
-    **dict.fromkeys(("psum", "pmax", "pmin"), _collective),
-    **dict.fromkeys(_WINDOWED, _windowed),
-    "reshape": _reshape,
-    "squeeze": _identity,
-    "broadcast_in_dim": _broadcast_in_dim,
-    "transpose": _transpose,
-    "sort": _sort,
-    "top_k": _top_k,
-    "split": _split,
-    "rev": _rev,
-    "slice": _slice,
-    "pad": _pad,
-    "concatenate": _concatenate,
-    "dynamic_slice": _dynamic_slice,
-    "dynamic_update_slice": _dynamic_update_slice,
-    "dot_general": _dot_general,
-    "conv_general_dilated": _conv,
-    "gather": _gather,
-    **dict.fromkeys(_SCATTERS, _scatter),
-    "jit": _call("jaxpr"),
-    "remat2": _call("jaxpr"),
-    "closed_call": _call("call_jaxpr"),
-    "call": _call("call_jaxpr"),
-    "custom_jvp_call": _call("call_jaxpr"),
-    "custom_vjp_call": _call("call_jaxpr"),
-    "cond": _cond,
-    "while": _while,
-    "scan": _scan,
-}
-
-
 def _propagate(jaxpr: Jaxpr, ins: Sequence[Stride], ctx: _Context) -> list[Stride]:
-    env: dict[Any, int] = {}
-    for var, s in zip(jaxpr.invars, ins, strict=True):
-        if s is not None:
-            env[var] = s
+    from curvjax._src import primitives  # the registry imports this module's rules
 
-    def read(atom) -> Stride:
-        return None if isinstance(atom, Literal) else env.get(atom)
-
-    for eqn in jaxpr.eqns:
-        strides = [read(a) for a in eqn.invars]
-        rule = _RULES.get(eqn.primitive.name)
-        if rule is None or all(s is None for s in strides):
-            continue  # nothing batched goes in (cannot mix), or unknown primitive (stop tracking)
+    def step(index, eqn, strides):
+        if all(s is None for s in strides):
+            return _none(eqn)  # nothing batched goes in: cannot mix
+        rule = primitives.lookup(eqn).mixing
+        if rule is None:
+            ctx.unknown(eqn)
+            return _none(eqn)
         try:
-            outs = rule(eqn, strides, ctx)
+            return rule(eqn, strides, ctx)
         except Exception:  # noqa: BLE001 - a rule that cannot follow an equation stops tracking
             if _STRICT:
                 raise
-            continue
-        for var, s in zip(eqn.outvars, outs, strict=True):
-            if s is not None:
-                env[var] = s
-    return [read(v) for v in jaxpr.outvars]
+            return _none(eqn)
+
+    return primitives.walk(jaxpr, (None,) * len(jaxpr.constvars), ins, step, literal=_no_stride)
+
+
+def _no_stride(atom) -> Stride:
+    return None
 
 
 def _trace(apply_fn, params, inputs) -> tuple[ClosedJaxpr, list[int | None], int] | None:
@@ -654,9 +638,20 @@ def _input_strides(jaxpr: Jaxpr, batch_axes: Sequence[int | None], n: int) -> li
 
 
 def _analyse(jaxpr: Jaxpr, ins: list[Stride], n: int) -> tuple[list[Stride], list[str]]:
-    """Output strides (None where untracked) and the deduplicated reports."""
+    """Output strides (None where untracked) and the deduplicated reports; warns of unknowns."""
     ctx = _Context(n)
     outs = _propagate(jaxpr, ins, ctx)
+    unknown = list(dict.fromkeys(ctx.unknown_lines))
+    if unknown:
+        warnings.warn(
+            "curvjax's batch-mixing check has no rule for "
+            + ", ".join(unknown)
+            + ", which receive(s) data of the batch; it cannot tell whether they combine "
+            "different examples and stopped following their outputs. If they do, per-example "
+            "quantities are undefined for this model.",
+            UnknownPrimitiveWarning,
+            stacklevel=3,
+        )
     return outs, list(dict.fromkeys(ctx.reports))
 
 

@@ -34,6 +34,13 @@ def supported(eqn) -> bool:
     )
 
 
+def override(eqn):
+    """The evaluation of ``eqn`` with the selection-based derivative, or ``None`` if unsupported."""
+    if not supported(eqn):
+        return None
+    return lambda invals: [reduce_window_max(invals[0], eqn.params)]
+
+
 def reduce_window_max(x, params: dict):
     """``lax.reduce_window_max_p.bind(x, **params)`` with the selection-based derivative."""
     return _max_pool(

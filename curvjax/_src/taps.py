@@ -29,161 +29,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src import source_info_util
-from jax.extend import core as jex
 
-from curvjax._src import pooling
+from curvjax._src import primitives
 
 STATIC_CONST, STATIC_PARAM, ACTIVATION = 0, 1, 2
-
-# Primitives that only re-lay-out the elements of their single operand (a bijection).
-_RELAYOUT = frozenset(
-    {"reshape", "transpose", "convert_element_type", "squeeze", "expand_dims", "copy", "copy_p"}
-)
-# Call-like primitives entered recursively when they contain a tap.
-_CALLS = frozenset(
-    {
-        "jit",
-        "pjit",
-        "closed_call",
-        "core_call",
-        "custom_jvp_call",
-        "custom_vjp_call",
-        "remat",
-        "remat2",
-        "checkpoint",
-    }
-)
-# Linear in each operand separately (bilinear when two operands vary): no second derivative with
-# respect to any single operand.
-_LINEAR = frozenset(
-    {
-        *_RELAYOUT,
-        "add",
-        "add_any",
-        "sub",
-        "neg",
-        "mul",
-        "dot_general",
-        "conv_general_dilated",
-        "broadcast_in_dim",
-        "reduce_sum",
-        "slice",
-        "dynamic_slice",
-        "dynamic_update_slice",
-        "gather",
-        "scatter-add",
-        "scatter_add",
-        "concatenate",
-        "pad",
-        "select_n",
-        "rev",
-        "reduce_window_sum",
-        "cumsum",
-        "real",
-        "imag",
-        "conj",
-        "reduce_precision",
-        "sharding_constraint",
-        "optimization_barrier",
-    }
-)
-# Piecewise linear or piecewise constant: zero second derivative almost everywhere.
-_PIECEWISE = frozenset(
-    {
-        "max",
-        "min",
-        "abs",
-        "sign",
-        "floor",
-        "ceil",
-        "round",
-        "clamp",
-        "reduce_max",
-        "reduce_min",
-        "argmax",
-        "argmin",
-        "reduce_window_max",
-        "reduce_window_min",
-        "select_and_gather_add",
-        "cummax",
-        "cummin",
-        "sort",
-        "stop_gradient",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "and",
-        "or",
-        "not",
-        "xor",
-        "iota",
-        "is_finite",
-        "nextafter",
-        "rem",
-    }
-)
-# Elementwise primitives with a non-zero second derivative in their activation operands: their
-# residual ``δ ⊙ ∇²op`` enters the exact Hessian (see :mod:`curvjax._src.hessian`).
-_ELEMENTWISE = frozenset(
-    {
-        "tanh",
-        "logistic",
-        "exp",
-        "exp2",
-        "log",
-        "log1p",
-        "expm1",
-        "sin",
-        "cos",
-        "tan",
-        "sqrt",
-        "rsqrt",
-        "cbrt",
-        "integer_pow",
-        "square",
-        "pow",
-        "erf",
-        "erfc",
-        "erf_inv",
-        "atan",
-        "asin",
-        "acos",
-        "sinh",
-        "cosh",
-        "asinh",
-        "acosh",
-        "atanh",
-        "atan2",
-        "mul",
-        "div",
-        "lgamma",
-        "digamma",
-    }
-)
-# Taps that are linear in their parameter input and in their activation input.
-_LINEAR_TAPS = frozenset(
-    {
-        "dot_general",
-        "conv_general_dilated",
-        "add",
-        "add_any",
-        "sub",
-        "mul",
-        "gather",
-        "select_n",
-        "concatenate",
-        "pad",
-        "dynamic_slice",
-        "dynamic_update_slice",
-        "max",
-        "min",
-    }
-)
-_KERNEL_TAPS = frozenset({"dot_general", "conv_general_dilated"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +82,14 @@ class Tap:
         return self.eqn.primitive.name
 
     @property
+    def info(self) -> primitives.PrimitiveInfo:
+        """The primitive's registry entry."""
+        return primitives.lookup(self.eqn)
+
+    @property
     def is_kernel(self) -> bool:
-        return self.primitive in _KERNEL_TAPS and len(self.act_positions) == 1
+        """A layer kernel: a primitive with a fast rule, applied to one activation."""
+        return self.info.rule is not None and len(self.act_positions) == 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -267,48 +122,20 @@ def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
 
 
-# Calls without a derivative rule of their own: entering them changes no derivative.
-_PLAIN_CALLS = frozenset(
-    {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint"}
-)
-
-
-def _has_max_pool(jaxpr) -> bool:
-    """Whether ``jaxpr`` (or a plain call inside it) has a max-pool with curvjax's derivative."""
+def _has_override(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a plain call inside it) has an equation with an evaluation override."""
     for eqn in jaxpr.eqns:
-        if pooling.supported(eqn):
+        info = primitives.lookup(eqn)
+        if info.evaluate is not None and info.evaluate(eqn) is not None:
             return True
-        sub = _subjaxpr(eqn) if eqn.primitive.name in _PLAIN_CALLS else None
-        if sub is not None and _has_max_pool(sub[0]):
+        sub = primitives.called_jaxpr(eqn) if info.call is not None and info.call.plain else None
+        if sub is not None and _has_override(sub[0]):
             return True
     return False
 
 
-def _subjaxpr(eqn):
-    for name in ("jaxpr", "call_jaxpr"):
-        sub = eqn.params.get(name)
-        if isinstance(sub, jex.ClosedJaxpr):
-            return sub.jaxpr, sub.consts
-        if isinstance(sub, jex.Jaxpr):
-            return sub, ()
-    return None
-
-
-def bind(eqn, invals: Sequence[Any]) -> list[Any]:
-    """Apply ``eqn``'s primitive to ``invals``; always returns a list of outputs."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def describe(eqn) -> str:
-    """``primitive at file:line`` for messages."""
-    try:
-        where = source_info_util.summarize(eqn.source_info)
-    except Exception:  # pragma: no cover - best effort only
-        where = "unknown location"
-    return f"`{eqn.primitive.name}` at {where}"
+bind = primitives.bind
+describe = primitives.describe
 
 
 @dataclasses.dataclass
@@ -322,80 +149,65 @@ class _Found:
 
 
 def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
-    env: dict = {}
-
-    def read(atom) -> _Dep:
-        if isinstance(atom, jex.Literal):
-            return _CONST
-        return env[atom]
-
-    for var in jaxpr.constvars:
-        env[var] = _CONST
-    for var, dep in zip(jaxpr.invars, in_deps, strict=True):
-        env[var] = dep
-
     steps = []
-    for eqn in jaxpr.eqns:
-        deps = [read(v) for v in eqn.invars]
+
+    def step(index, eqn, deps):
         kinds = {d.kind for d in deps}
         if ACTIVATION not in kinds:
-            out_dep = _static_dep(eqn, deps)
             steps.append(("static", None))
-            for var in eqn.outvars:
-                env[var] = out_dep
-            continue
+            return [_static_dep(eqn, deps)] * len(eqn.outvars)
         leaves = frozenset().union(*(d.leaves for d in deps))
-        sub = _subjaxpr(eqn) if eqn.primitive.name in _CALLS else None
+        sub = primitives.called_jaxpr(eqn)
         if STATIC_PARAM not in kinds:
             frontier = frozenset().union(*(d.frontier for d in deps))
-            step, out_deps = _activation_step(eqn, deps, sub, found)
-            steps.append(step)
-            for k, var in enumerate(eqn.outvars):
-                dep = out_deps[k] if out_deps is not None else None
-                env[var] = dep if dep is not None else _Dep(ACTIVATION, leaves, frontier=frontier)
-            continue
+            kind_payload, out_deps = _activation_step(eqn, deps, sub, found)
+            steps.append(kind_payload)
+            return [
+                out_deps[k]
+                if out_deps is not None and out_deps[k] is not None
+                else _Dep(ACTIVATION, leaves, frontier=frontier)
+                for k in range(len(eqn.outvars))
+            ]
         if sub is not None:
             plan, out_deps = _analyse(sub[0], sub[1], deps, found)
             steps.append(("nested", plan))
-            for var, dep in zip(eqn.outvars, out_deps, strict=True):
-                env[var] = dep
-            continue
+            return out_deps
         tap = _make_tap(len(found.taps), eqn, deps)
         found.taps.append(tap)
         steps.append(("tap", tap))
         frontier = frozenset({tap.id}) if tap.is_kernel else tap.frontier
-        for var in eqn.outvars:
-            env[var] = _Dep(ACTIVATION, leaves, frontier=frontier)
-    out_deps = [read(v) for v in jaxpr.outvars]
+        return [_Dep(ACTIVATION, leaves, frontier=frontier)] * len(eqn.outvars)
+
+    const_deps = [_CONST] * len(jaxpr.constvars)
+    out_deps = primitives.walk(jaxpr, const_deps, in_deps, step, literal=lambda atom: _CONST)
     return _Plan(jaxpr, consts, steps), out_deps
 
 
 def _activation_step(eqn, deps, sub, found: _Found):
     """Step for an equation of activations only: bound as is, a Hessian node, or nested."""
+    info = primitives.lookup(eqn)
+    plain = info.call is not None and info.call.plain
     if not found.residuals:
-        if sub is not None and eqn.primitive.name in _PLAIN_CALLS and _has_max_pool(sub[0]):
-            plan, out_deps = _analyse(sub[0], sub[1], deps, found)  # for pooling's derivative
+        if sub is not None and plain and _has_override(sub[0]):
+            plan, out_deps = _analyse(sub[0], sub[1], deps, found)  # for the override inside
             return ("nested", plan), out_deps
         return ("act", None), None
-    name = eqn.primitive.name
     acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
     if sub is not None:
         trial = _Found([], [], [], True)
         _analyse(sub[0], sub[1], deps, trial)
-        pools = eqn.primitive.name in _PLAIN_CALLS and _has_max_pool(sub[0])
-        if not trial.nodes and not trial.unsupported and not trial.taps and not pools:
+        overrides = plain and _has_override(sub[0])
+        if not trial.nodes and not trial.unsupported and not trial.taps and not overrides:
             return ("act", None), None
         plan, out_deps = _analyse(sub[0], sub[1], deps, found)
         return ("nested", plan), out_deps
     float_acts = [i for i in acts if _is_float(eqn.invars[i].aval.dtype)]
-    if name in _PIECEWISE or not float_acts:
+    if info.hessian in (primitives.PIECEWISE, primitives.LINEAR) or not float_acts:
         return ("act", None), None
-    if name in _LINEAR and (
-        len(float_acts) == 1 or name not in ("mul", "dot_general", "conv_general_dilated")
-    ):
-        return ("act", None), None
-    if name == "div" and float_acts == [0]:
-        return ("act", None), None  # linear in the numerator
+    if info.hessian == primitives.BILINEAR and len(float_acts) == 1:
+        return ("act", None), None  # linear in each operand separately
+    if set(float_acts) <= set(info.linear_operands):
+        return ("act", None), None  # e.g. `div`: linear in the numerator
     if not any(deps[i].leaves for i in float_acts):
         return ("act", None), None  # upstream of every parameter: no effect on the Hessian
     out_shape = eqn.outvars[0].aval.shape
@@ -404,7 +216,8 @@ def _activation_step(eqn, deps, sub, found: _Found):
         and all(d in (1, o) for d, o in zip(eqn.invars[i].aval.shape, out_shape, strict=True))
         for i in float_acts
     )
-    if name in _ELEMENTWISE and elementwise:
+    second_order = info.hessian in (primitives.ELEMENTWISE, primitives.BILINEAR)
+    if info.elementwise and second_order and elementwise:
         statics = tuple(i for i in range(len(deps)) if i not in float_acts)
         node = Node(len(found.nodes), eqn, tuple(float_acts), statics)
         found.nodes.append(node)
@@ -418,16 +231,16 @@ def _static_dep(eqn, deps: list[_Dep]) -> _Dep:
     if not params:
         return _CONST
     leaves = frozenset().union(*(d.leaves for d in params))
-    name = eqn.primitive.name
-    linear = all(d.linear for d in params) and (name in _LINEAR or name in _PIECEWISE)
-    if name in ("mul", "dot_general", "conv_general_dilated") and len(params) > 1:
+    info = primitives.lookup(eqn)
+    linear_classes = (primitives.LINEAR, primitives.BILINEAR, primitives.PIECEWISE)
+    linear = all(d.linear for d in params) and info.hessian in linear_classes
+    if info.hessian == primitives.BILINEAR and len(params) > 1:
         linear = False
     chain = None
     if len(deps) == 1 and params[0].chain_leaf is not None:
         in_size = int(np.prod(eqn.invars[0].aval.shape))
         out_size = int(np.prod(eqn.outvars[0].aval.shape))
-        relayout = name in _RELAYOUT or name == "broadcast_in_dim"
-        if relayout and in_size == out_size:
+        if info.relayout and in_size == out_size:
             chain = params[0].chain_leaf
     return _Dep(STATIC_PARAM, leaves, chain, linear)
 
@@ -442,7 +255,7 @@ def _make_tap(index: int, eqn, deps: list[_Dep]) -> Tap:
     frontier = frozenset().union(*(deps[i].frontier for i in acts))
     where = describe(eqn)
     issue = None
-    if eqn.primitive.name not in _LINEAR_TAPS:
+    if not primitives.lookup(eqn).linear_tap:
         issue = f"{where} is not linear in its parameter and activation inputs"
     elif not all(deps[i].linear for i in params):
         issue = f"{where} consumes a parameter transformed non-linearly before use"
@@ -469,33 +282,22 @@ class _Recorder:
 
 def _evaluate(plan: _Plan, args, rec: _Recorder):
     """Evaluate ``plan``; static-only mode skips everything that needs the inputs."""
-    env: dict = {}
 
-    def read(atom):
-        if isinstance(atom, jex.Literal):
-            return atom.val
-        return env.get(atom)
-
-    for var, val in zip(plan.jaxpr.constvars, plan.consts, strict=True):
-        env[var] = val
-    for var, val in zip(plan.jaxpr.invars, args, strict=True):
-        env[var] = val
-
-    for eqn, (kind, payload) in zip(plan.jaxpr.eqns, plan.steps, strict=True):
+    def step(index, eqn, invals):
+        kind, payload = plan.steps[index]
         if kind in ("act", "node") and rec.static_only:
             if kind == "node":
                 rec.statics[("node", payload.id)] = tuple(
-                    read(eqn.invars[i]) for i in payload.static_positions
+                    invals[i] for i in payload.static_positions
                 )
-            continue
-        invals = [read(v) for v in eqn.invars]
+            return [None] * len(eqn.outvars)
         if kind == "nested":
-            outs = _evaluate(payload, invals, rec)
-        elif kind in ("tap", "node"):
+            return _evaluate(payload, invals, rec)
+        if kind in ("tap", "node"):
             key = (kind, payload.id)
             if rec.static_only:
                 rec.statics[key] = tuple(invals[i] for i in payload.static_positions)
-                continue
+                return [None] * len(eqn.outvars)
             inputs = tuple(invals[i] for i in payload.act_positions)
             if kind == "tap":
                 rec.acts[payload.id] = inputs
@@ -507,13 +309,14 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
                 outs = [o if e is None else o + e for o, e in zip(outs, eps, strict=True)]
             if kind == "tap" and payload.id in rec.output_taps:
                 rec.outputs[payload.id] = tuple(outs)
-        elif pooling.supported(eqn):
-            outs = [pooling.reduce_window_max(invals[0], eqn.params)]
-        else:
-            outs = bind(eqn, invals)
-        for var, val in zip(eqn.outvars, outs, strict=True):
-            env[var] = val
-    return [read(v) for v in plan.jaxpr.outvars]
+            return outs
+        override = primitives.lookup(eqn).evaluate
+        replacement = override(eqn) if override is not None else None
+        if replacement is not None:
+            return replacement(invals)
+        return bind(eqn, invals)
+
+    return primitives.walk(plan.jaxpr, plan.consts, args, step)
 
 
 def _leaf_name(path) -> str:

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from curvjax._src import backprop, diagonals, kronecker, leafwise, rules
+from curvjax._src import backprop, diagonals, kronecker, leafwise, primitives, rules
 from curvjax._src import taps as taps_lib
 from curvjax._src.optim import linalg
 
@@ -122,7 +122,7 @@ def _bias_of(model: taps_lib.TracedModel, tap) -> int | None:
         return None
     out_size = math.prod(out.aval.shape)
     for u in model.taps:
-        if u.primitive not in ("add", "add_any") or len(u.act_positions) != 1:
+        if not primitives.is_addition(u.eqn) or len(u.act_positions) != 1:
             continue
         if u.eqn.invars[u.act_positions[0]] is not out or u.chain_leaf is None:
             continue

@@ -1,28 +1,33 @@
-"""Per-tap rules, dispatched on the tap's primitive.
+"""Per-tap rules, dispatched through the primitive registry.
 
 Each rule module turns a tap's activation inputs ``a`` and output cotangents ``b`` into the
 per-example quantities of its parameter input. ``dense`` and ``conv`` give the canonical bilinear
 form of :mod:`curvjax._src.rules.bilinear` (fast norms and second moments without forming
 ``g_n``); every other primitive uses :mod:`curvjax._src.rules.generic` (its own VJP per example).
-Adding a layer kind means adding a module with ``applies`` and ``form`` and one entry in
-:data:`BILINEAR`.
+A primitive's fast rule is its ``rule`` entry in :mod:`curvjax._src.primitives`; users add one
+with :func:`curvjax.register_rule`.
 """
 
 from __future__ import annotations
 
-from curvjax._src.rules import bilinear, conv, dense, generic
+from curvjax._src import primitives
+from curvjax._src.rules import bilinear, generic
 
-BILINEAR = {"dot_general": dense, "conv_general_dilated": conv}
+
+def fast_rule(tap):
+    """The tap's fast rule if its primitive has one that applies to it, else ``None``."""
+    rule = primitives.lookup(tap.eqn).rule
+    return rule if rule is not None and rule.applies(tap) else None
 
 
 def has_bilinear_form(tap) -> bool:
-    rule = BILINEAR.get(tap.primitive)
-    return rule is not None and rule.applies(tap)
+    return fast_rule(tap) is not None
 
 
 def bilinear_form(tap, acts, cots) -> bilinear.Form:
     """The tap's bilinear form; ``cots`` carry a column axis: ``[N, M, ...]``."""
-    return BILINEAR[tap.primitive].form(tap, acts, cots)
+    form = fast_rule(tap).form(tap, acts, cots)
+    return bilinear.Form(*form)
 
 
 def param_grads(tap, statics, acts, cots) -> tuple:

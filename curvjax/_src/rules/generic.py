@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from curvjax._src import taps as taps_lib
+from curvjax._src import primitives
 
 
 def _assemble(tap, statics, params, acts_n):
@@ -28,7 +28,7 @@ def param_grad_one(tap, statics, acts_n, cots_n) -> tuple:
     params = [statics[tap.static_positions.index(p)] for p in tap.param_positions]
 
     def apply(*param_values):
-        return tuple(taps_lib.bind(tap.eqn, _assemble(tap, statics, param_values, acts_n)))
+        return tuple(primitives.bind(tap.eqn, _assemble(tap, statics, param_values, acts_n)))
 
     outs, vjp_fn = jax.vjp(apply, *params)
     cots = tuple(
