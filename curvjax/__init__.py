@@ -9,6 +9,7 @@ from curvjax._src.first_order import (
     sum_grad_squared,
     variance,
 )
+from curvjax._src.inspection import LeafReport, ModelReport, TapReport, inspect
 from curvjax._src.kronecker import (
     DenseBlock,
     DiagonalBlock,
@@ -16,15 +17,22 @@ from curvjax._src.kronecker import (
     block_to_dense,
     blocks_to_dense,
 )
+from curvjax._src.primitives import Registration, register_rule
 from curvjax._src.products import ggn_matrix, ggn_vp, hessian_matrix, hvp
+from curvjax._src.rules.bilinear import Form as BilinearForm
 from curvjax._src.second_order import ggn_diag, ggn_diag_mc, hessian_diag, kfac, kflr, kfra
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilinearForm",
     "DenseBlock",
     "DiagonalBlock",
     "KroneckerBlock",
+    "LeafReport",
+    "ModelReport",
+    "Registration",
+    "TapReport",
     "batch_l2",
     "block_to_dense",
     "blocks_to_dense",
@@ -37,11 +45,13 @@ __all__ = [
     "hessian_diag",
     "hessian_matrix",
     "hvp",
+    "inspect",
     "kfac",
     "kflr",
     "kfra",
     "losses",
     "per_example_grads",
+    "register_rule",
     "sum_grad_squared",
     "variance",
 ]

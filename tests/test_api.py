@@ -14,6 +14,8 @@ MODULES = [
     "curvjax._src.second_order",
     "curvjax._src.extract",
     "curvjax._src.products",
+    "curvjax._src.primitives",
+    "curvjax._src.inspection",
     "curvjax._src.kronecker",
     "curvjax._src.losses",
     "curvjax.spectral",

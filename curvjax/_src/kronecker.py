@@ -114,12 +114,8 @@ def _output_factor(form):
 
 def _layout(p: backprop.Pass):
     """Which float leaves get Kronecker, full and diagonal blocks."""
-    leaves = p.model.float_leaves(p.params)
-    fast = leafwise.fast_taps(p)
-    rest = [k for k in range(len(leaves)) if k not in fast]
-    full = [k for k in rest if jnp.ndim(leaves[k]) <= 1 and p.model.taps_of_leaf[k]]
-    diag = [k for k in rest if k not in full]
-    return fast, full, diag
+    ndims = [jnp.ndim(leaf) for leaf in p.model.float_leaves(p.params)]
+    return leafwise.block_layout(p.model, ndims)
 
 
 def additive_parts(p: backprop.Pass, cols: dict, weights=None) -> dict:

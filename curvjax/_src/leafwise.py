@@ -24,8 +24,9 @@ from curvjax._src.backprop import Pass
 from curvjax._src.rules import bilinear, generic
 
 
-def _fast_tap(p: Pass, k: int):
-    taps = p.model.taps_of_leaf[k]
+def fast_tap_of(model, k: int):
+    """The single tap with a fast rule that consumes float leaf ``k`` through a relayout, or None."""
+    taps = model.taps_of_leaf[k]
     if len(taps) == 1 and taps[0].chain_leaf == k and rules.has_bilinear_form(taps[0]):
         return taps[0]
     return None
@@ -34,12 +35,30 @@ def _fast_tap(p: Pass, k: int):
 def _split_leaves(p: Pass) -> tuple[dict, list[int]]:
     fast, slow = {}, []
     for k in range(len(p.model.float_index)):
-        tap = _fast_tap(p, k)
+        tap = fast_tap_of(p.model, k)
         if tap is not None:
             fast[k] = tap
         elif p.model.taps_of_leaf[k]:
             slow.append(k)
     return fast, slow
+
+
+def block_layout(model, leaf_ndims) -> tuple[dict, list[int], list[int]]:
+    """Which float leaves get Kronecker, full and diagonal curvature blocks.
+
+    Kronecker: the kernel of a single tap with a fast rule (``{leaf: tap}``); full: other leaves of
+    at most one dimension that some tap consumes (biases, normalisation scales); diagonal: the
+    rest (embeddings, tied or transformed weights, leaves no tap consumes).
+    """
+    fast = {}
+    for k in range(len(model.float_index)):
+        tap = fast_tap_of(model, k)
+        if tap is not None:
+            fast[k] = tap
+    rest = [k for k in range(len(model.float_index)) if k not in fast]
+    full = [k for k in rest if leaf_ndims[k] <= 1 and model.taps_of_leaf[k]]
+    diag = [k for k in rest if k not in full]
+    return fast, full, diag
 
 
 def _param_side(p: Pass, taps, leaf_ids):

@@ -616,7 +616,11 @@ def find_batch_mixing(
         _input_strides(closed_jaxpr.jaxpr, batch_axes, batch_size)  # still validate the axes
         return []
     jaxpr = closed_jaxpr.jaxpr
-    return _analyse(jaxpr, _input_strides(jaxpr, batch_axes, batch_size), batch_size)[1]
+    unknown: list[str] = []
+    ins = _input_strides(jaxpr, batch_axes, batch_size)
+    reports = _analyse(jaxpr, ins, batch_size, unknown)[1]
+    _warn_unknown(unknown)
+    return reports
 
 
 def _input_strides(jaxpr: Jaxpr, batch_axes: Sequence[int | None], n: int) -> list[Stride]:
@@ -637,11 +641,21 @@ def _input_strides(jaxpr: Jaxpr, batch_axes: Sequence[int | None], n: int) -> li
     return ins
 
 
-def _analyse(jaxpr: Jaxpr, ins: list[Stride], n: int) -> tuple[list[Stride], list[str]]:
-    """Output strides (None where untracked) and the deduplicated reports; warns of unknowns."""
+def _analyse(
+    jaxpr: Jaxpr, ins: list[Stride], n: int, unknown: list[str] | None = None
+) -> tuple[list[Stride], list[str]]:
+    """Output strides (None where untracked) and the deduplicated reports.
+
+    The primitives without a rule that saw batched data are appended to ``unknown``.
+    """
     ctx = _Context(n)
     outs = _propagate(jaxpr, ins, ctx)
-    unknown = list(dict.fromkeys(ctx.unknown_lines))
+    if unknown is not None:
+        unknown.extend(line for line in dict.fromkeys(ctx.unknown_lines) if line not in unknown)
+    return outs, list(dict.fromkeys(ctx.reports))
+
+
+def _warn_unknown(unknown: list[str]) -> None:
     if unknown:
         warnings.warn(
             "curvjax's batch-mixing check has no rule for "
@@ -650,9 +664,19 @@ def _analyse(jaxpr: Jaxpr, ins: list[Stride], n: int) -> tuple[list[Stride], lis
             "different examples and stopped following their outputs. If they do, per-example "
             "quantities are undefined for this model.",
             UnknownPrimitiveWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return outs, list(dict.fromkeys(ctx.reports))
+
+
+def model_report(apply_fn: Callable, params: Any, inputs: Any) -> tuple[list[str], list[str]]:
+    """``(equations that mix examples, primitives without a rule)`` of ``apply_fn``; no warning."""
+    traced = _trace(apply_fn, params, inputs)
+    if traced is None:
+        return [], []
+    closed, batch_axes, n = traced
+    unknown: list[str] = []
+    reports = _analyse(closed.jaxpr, _input_strides(closed.jaxpr, batch_axes, n), n, unknown)[1]
+    return reports, unknown
 
 
 def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
@@ -675,10 +699,8 @@ def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
       >>> import jax.numpy as jnp
       >>> check_no_batch_mixing(lambda p, x: x @ p, jnp.ones((3, 2)), jnp.ones((4, 3)))
     """
-    traced = _trace(apply_fn, params, inputs)
-    if traced is None:
-        return
-    found = find_batch_mixing(*traced)
+    found, unknown = model_report(apply_fn, params, inputs)
+    _warn_unknown(unknown)
     if found:
         lines = "\n".join(f"  - {line}" for line in found)
         raise ValueError(

@@ -134,10 +134,6 @@ def _has_override(jaxpr) -> bool:
     return False
 
 
-bind = primitives.bind
-describe = primitives.describe
-
-
 @dataclasses.dataclass
 class _Found:
     """What an analysis collects."""
@@ -146,6 +142,17 @@ class _Found:
     nodes: list
     unsupported: list  # descriptions of operations the exact Hessian cannot treat
     residuals: bool  # whether to look for Hessian residual nodes
+    where: str = ""  # source line of the innermost enclosing call, for equations without one
+
+
+def _analyse_call(eqn, sub, deps, found: _Found) -> tuple[_Plan, list]:
+    """:func:`_analyse` of a called jaxpr; its equations fall back to the call's source line."""
+    outer = found.where
+    found.where = primitives.where(eqn) or outer
+    try:
+        return _analyse(sub[0], sub[1], deps, found)
+    finally:
+        found.where = outer
 
 
 def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
@@ -169,10 +176,10 @@ def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
                 for k in range(len(eqn.outvars))
             ]
         if sub is not None:
-            plan, out_deps = _analyse(sub[0], sub[1], deps, found)
+            plan, out_deps = _analyse_call(eqn, sub, deps, found)
             steps.append(("nested", plan))
             return out_deps
-        tap = _make_tap(len(found.taps), eqn, deps)
+        tap = _make_tap(len(found.taps), eqn, deps, found.where)
         found.taps.append(tap)
         steps.append(("tap", tap))
         frontier = frozenset({tap.id}) if tap.is_kernel else tap.frontier
@@ -189,17 +196,17 @@ def _activation_step(eqn, deps, sub, found: _Found):
     plain = info.call is not None and info.call.plain
     if not found.residuals:
         if sub is not None and plain and _has_override(sub[0]):
-            plan, out_deps = _analyse(sub[0], sub[1], deps, found)  # for the override inside
+            plan, out_deps = _analyse_call(eqn, sub, deps, found)  # for the override inside
             return ("nested", plan), out_deps
         return ("act", None), None
     acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
     if sub is not None:
-        trial = _Found([], [], [], True)
-        _analyse(sub[0], sub[1], deps, trial)
+        trial = _Found([], [], [], True, found.where)
+        _analyse_call(eqn, sub, deps, trial)
         overrides = plain and _has_override(sub[0])
         if not trial.nodes and not trial.unsupported and not trial.taps and not overrides:
             return ("act", None), None
-        plan, out_deps = _analyse(sub[0], sub[1], deps, found)
+        plan, out_deps = _analyse_call(eqn, sub, deps, found)
         return ("nested", plan), out_deps
     float_acts = [i for i in acts if _is_float(eqn.invars[i].aval.dtype)]
     if info.hessian in (primitives.PIECEWISE, primitives.LINEAR) or not float_acts:
@@ -222,7 +229,7 @@ def _activation_step(eqn, deps, sub, found: _Found):
         node = Node(len(found.nodes), eqn, tuple(float_acts), statics)
         found.nodes.append(node)
         return ("node", node), None
-    found.unsupported.append(describe(eqn))
+    found.unsupported.append(_describe(eqn, found.where))
     return ("act", None), None
 
 
@@ -245,7 +252,11 @@ def _static_dep(eqn, deps: list[_Dep]) -> _Dep:
     return _Dep(STATIC_PARAM, leaves, chain, linear)
 
 
-def _make_tap(index: int, eqn, deps: list[_Dep]) -> Tap:
+def _describe(eqn, fallback: str) -> str:
+    return f"`{eqn.primitive.name}` at {primitives.where(eqn) or fallback or 'unknown location'}"
+
+
+def _make_tap(index: int, eqn, deps: list[_Dep], fallback: str = "") -> Tap:
     acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
     statics = tuple(i for i, d in enumerate(deps) if d.kind != ACTIVATION)
     params = tuple(i for i, d in enumerate(deps) if d.kind == STATIC_PARAM)
@@ -253,7 +264,7 @@ def _make_tap(index: int, eqn, deps: list[_Dep]) -> Tap:
     chain = deps[params[0]].chain_leaf if len(params) == 1 else None
     act_leaves = frozenset().union(*(deps[i].leaves for i in acts))
     frontier = frozenset().union(*(deps[i].frontier for i in acts))
-    where = describe(eqn)
+    where = _describe(eqn, fallback)
     issue = None
     if not primitives.lookup(eqn).linear_tap:
         issue = f"{where} is not linear in its parameter and activation inputs"
@@ -303,7 +314,7 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
                 rec.acts[payload.id] = inputs
             else:
                 rec.probes[payload.id] = inputs
-            outs = bind(eqn, invals)
+            outs = primitives.bind(eqn, invals)
             eps = rec.eps.get(key)
             if eps is not None:
                 outs = [o if e is None else o + e for o, e in zip(outs, eps, strict=True)]
@@ -314,7 +325,7 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
         replacement = override(eqn) if override is not None else None
         if replacement is not None:
             return replacement(invals)
-        return bind(eqn, invals)
+        return primitives.bind(eqn, invals)
 
     return primitives.walk(plan.jaxpr, plan.consts, args, step)
 

@@ -23,6 +23,20 @@ from curvjax._src import chunking
 
 
 class Form(NamedTuple):
+    """A tap's per-example gradient as a bilinear form (``curvjax.BilinearForm``).
+
+    For ``N`` examples, ``G`` feature groups, ``T`` positions sharing the weight, ``I`` input and
+    ``O`` output features, and ``M`` backpropagated vectors per example:
+
+    .. math::
+        g_{n,m}[g, i, o] = \\sum_t a[n, g, t, i] \\, b[n, m, g, t, o] .
+
+    Attributes:
+      a: ``[N, G, T, I]`` activations (patches for convolutions).
+      b: ``[N, M, G, T, O]`` output cotangents.
+      to_param: maps an array ``[..., G, I, O]`` in canonical order to ``[..., *param.shape]``.
+    """
+
     a: jax.Array  # [N, G, T, I] activations
     b: jax.Array  # [N, M, G, T, O] output cotangents, M backpropagated vectors per example
     to_param: Callable[[jax.Array], jax.Array]  # [..., G, I, O] -> [..., *param.shape]
