@@ -1,6 +1,7 @@
 """curvjax: per-example gradients, curvature and Hessian spectra for any pure JAX function."""
 
 from curvjax import losses
+from curvjax._src.chain import ChainFactors, chain_factors
 from curvjax._src.extract import extract
 from curvjax._src.first_order import (
     batch_l2,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilinearForm",
+    "ChainFactors",
     "DenseBlock",
     "DiagonalBlock",
     "KroneckerBlock",
@@ -36,6 +38,7 @@ __all__ = [
     "batch_l2",
     "block_to_dense",
     "blocks_to_dense",
+    "chain_factors",
     "extract",
     "ggn_diag",
     "ggn_diag_mc",

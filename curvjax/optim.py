@@ -14,6 +14,7 @@ computed by :func:`curvjax.extract` in the same pass as the gradient comes in as
 ``curvature=``, or the transform computes it from ``batch=`` (and ``key=``).
 """
 
+from curvjax._src.chain import ChainFactors, chain_factors
 from curvjax._src.optim.kfac import KfacState, ScaleByKfacState, kfac, scale_by_kfac
 from curvjax._src.optim.noisy_kfac import (
     NoisyKfacState,
@@ -23,7 +24,6 @@ from curvjax._src.optim.noisy_kfac import (
 )
 from curvjax._src.optim.precondition import precondition_by_curvature
 from curvjax._src.optim.schedules import proportional_momentum, warmup_polynomial_decay
-from curvjax._src.optim.tridiagonal import ChainFactors, chain_factors
 
 __all__ = [
     "ChainFactors",

@@ -21,7 +21,7 @@ MODULES = [
     "curvjax.spectral",
     "curvjax._src.optim.precondition",
     "curvjax._src.optim.kfac",
-    "curvjax._src.optim.tridiagonal",
+    "curvjax._src.chain",
     "curvjax._src.optim.schedules",
 ]
 

@@ -17,10 +17,10 @@ import pytest
 import reference
 
 import curvjax
+from curvjax import chain_factors
 from curvjax._src.optim import tridiagonal
 from curvjax._src.optim.kfac import kfac, levenberg_marquardt, scale_by_kfac
 from curvjax._src.optim.precondition import precondition_by_curvature
-from curvjax._src.optim.tridiagonal import chain_factors
 
 FAST = reference.FAST_COMPILE
 RTOL = 1e-9

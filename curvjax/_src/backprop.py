@@ -145,7 +145,8 @@ def run(
     """Forward and backward pass; see the module docstring.
 
     ``residuals`` also records the Hessian nodes (see :class:`~curvjax._src.taps.Node`);
-    ``output_taps`` makes the outputs of those taps injectable (for KFRA).
+    ``output_taps`` (tap ids, or a function of the traced model returning them) makes the outputs
+    of those taps injectable (for KFRA).
     """
     inputs, targets = validate_batch(batch)
     loss_fn = losses_lib.resolve(loss)
@@ -168,7 +169,9 @@ def run(
     _check_finite("params", params)
 
     float_leaves = model.float_leaves(params)
-    output_taps = frozenset(output_taps)
+    if callable(output_taps):
+        output_taps = output_taps(model)
+    output_taps = frozenset(output_taps or ())
 
     def forward(float_leaves, eps):
         return model.forward(model.merge(params, float_leaves), inputs, eps, output_taps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from curvjax._src import backprop, leafwise, products
+from curvjax._src import products, quantities
 
 
 def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
@@ -39,7 +39,12 @@ def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
     return to_tree(jax.grad(reduced)(floats))
 
 
-_DOC_ARGS = """
+def per_example_grads(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Per-example gradient contributions (BackPACK's ``BatchGrad``).
+
+    .. math::
+        g_n = κ ∇_θ ℓ(f(θ, x_n), y_n), \\qquad \\sum_n g_n = ∇L .
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently (no batch statistics).
@@ -47,22 +52,7 @@ _DOC_ARGS = """
       batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
-"""
 
-
-def per_example_grads(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
-    return p.model.unflatten_float(leafwise.per_example_grads(p))
-
-
-per_example_grads.__doc__ = (
-    """Per-example gradient contributions (BackPACK's ``BatchGrad``).
-
-    .. math::
-        g_n = κ ∇_θ ℓ(f(θ, x_n), y_n), \\qquad \\sum_n g_n = ∇L .
-"""
-    + _DOC_ARGS
-    + """
     Returns:
       A pytree like ``params`` with leaves of shape ``[N, *leaf.shape]``.
 
@@ -76,15 +66,12 @@ per_example_grads.__doc__ = (
     References:
       Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop", ICLR 2020.
     """
-)
+    return quantities.compute_one(
+        "per_example_grads", apply_fn, params, batch, loss=loss, reduction=reduction
+    )
 
 
 def batch_l2(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
-    return p.model.unflatten_float(leafwise.sq_norms(p))
-
-
-batch_l2.__doc__ = (
     """Squared norm of each example's gradient contribution, per leaf (``BatchL2Grad``).
 
     .. math::
@@ -92,9 +79,15 @@ batch_l2.__doc__ = (
 
     Dense layers use ``||g_n||² = ||a_n||² ||b_n||²``; weight-shared layers (convolutions,
     attention) the Gram identity or chunked per-example gradients, whichever costs less.
-"""
-    + _DOC_ARGS
-    + """
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently (no batch statistics).
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+
     Returns:
       A pytree like ``params`` with leaves of shape ``[N]``.
 
@@ -105,22 +98,25 @@ batch_l2.__doc__ = (
       >>> curvjax.batch_l2(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
       (5,)
     """
-)
+    return quantities.compute_one(
+        "batch_l2", apply_fn, params, batch, loss=loss, reduction=reduction
+    )
 
 
 def sum_grad_squared(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
-    return p.model.unflatten_float(leafwise.sum_sq(p, p.columns_of_gradient()))
-
-
-sum_grad_squared.__doc__ = (
     """Sum over examples of the squared gradient contributions (``SumGradSquared``).
 
     .. math::
         \\sum_n g_n \\odot g_n .
-"""
-    + _DOC_ARGS
-    + """
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently (no batch statistics).
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+
     Returns:
       A pytree like ``params``.
 
@@ -131,30 +127,25 @@ sum_grad_squared.__doc__ = (
       >>> curvjax.sum_grad_squared(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
       (4, 3)
     """
-)
-
-
-def variance_from(sum_squared, gradient, num_examples: int):
-    """``(1/N) Σ g_n² − ((1/N) Σ g_n)²`` from ``Σ g_n²`` and ``Σ g_n = ∇L``."""
-    return jax.tree.map(
-        lambda s, g: s / num_examples - (g / num_examples) ** 2, sum_squared, gradient
+    return quantities.compute_one(
+        "sum_grad_squared", apply_fn, params, batch, loss=loss, reduction=reduction
     )
 
 
 def variance(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    p = backprop.run(apply_fn, params, batch, loss=loss, reduction=reduction)
-    sgs = leafwise.sum_sq(p, p.columns_of_gradient())
-    return p.model.unflatten_float(variance_from(sgs, p.grad, p.model.num_examples))
-
-
-variance.__doc__ = (
     """Elementwise population variance of the gradient contributions (``Variance``).
 
     .. math::
         \\frac{1}{N} \\sum_n g_n \\odot g_n - \\Big(\\frac{1}{N} \\sum_n g_n\\Big)^{\\odot 2} .
-"""
-    + _DOC_ARGS
-    + """
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently (no batch statistics).
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+
     Returns:
       A pytree like ``params``.
 
@@ -165,4 +156,6 @@ variance.__doc__ = (
       >>> curvjax.variance(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
       (4, 3)
     """
-)
+    return quantities.compute_one(
+        "variance", apply_fn, params, batch, loss=loss, reduction=reduction
+    )

@@ -64,7 +64,12 @@ def whole_batch(apply_fn, params, batch, loss, reduction):
     return loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree
 
 
-_ARGS = """
+def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+    """Hessian-vector product of the reduced loss, forward-over-reverse (Pearlmutter 1994).
+
+    .. math::
+        ∇^2 L \\, v .
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
       params: parameter pytree.
@@ -75,24 +80,7 @@ _ARGS = """
 
     Returns:
       A pytree like ``params`` (``None`` at non-float leaves).
-"""
 
-
-def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
-    _, _, _, floats, _, reduced, to_tree, from_tree = whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
-
-
-hvp.__doc__ = (
-    """Hessian-vector product of the reduced loss, forward-over-reverse (Pearlmutter 1994).
-
-    .. math::
-        ∇^2 L \\, v .
-"""
-    + _ARGS
-    + """
     Example:
       >>> import jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: x @ p["w"]
@@ -101,10 +89,41 @@ hvp.__doc__ = (
       >>> curvjax.hvp(apply_fn, params, batch, params)["w"].shape
       (4, 3)
     """
-)
+    _, _, _, floats, _, reduced, to_tree, from_tree = whole_batch(
+        apply_fn, params, batch, loss, reduction
+    )
+    return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
 
 
 def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+    """Generalised Gauss-Newton-vector product: ``J`` by ``jax.linearize``, loss Hessian, ``Jᵀ``.
+
+    .. math::
+        G v = κ \\sum_n J_n^⊤ H_n J_n v, \\qquad H_n = S_n S_n^⊤ .
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
+      params: parameter pytree.
+      batch: ``(inputs, targets)``.
+      vector: a pytree like ``params`` (entries at non-float leaves are ignored).
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      A pytree like ``params`` (``None`` at non-float leaves).
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> curvjax.ggn_vp(apply_fn, params, batch, params)["w"].shape
+      (4, 3)
+
+    References:
+      Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
+      Neural Computation 2002.
+    """
     loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = whole_batch(
         apply_fn, params, batch, loss, reduction
     )
@@ -118,29 +137,6 @@ def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="
     h_j_v = scale * jax.vmap(loss_hessian_times)(out, targets, j_v)
     (result,) = jax.linear_transpose(jvp_fn, floats)(h_j_v.astype(out.dtype))
     return to_tree(result)
-
-
-ggn_vp.__doc__ = (
-    """Generalised Gauss-Newton-vector product: ``J`` by ``jax.linearize``, loss Hessian, ``Jᵀ``.
-
-    .. math::
-        G v = κ \\sum_n J_n^⊤ H_n J_n v, \\qquad H_n = S_n S_n^⊤ .
-"""
-    + _ARGS
-    + """
-    Example:
-      >>> import jax.numpy as jnp, curvjax
-      >>> apply_fn = lambda p, x: x @ p["w"]
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> curvjax.ggn_vp(apply_fn, params, batch, params)["w"].shape
-      (4, 3)
-
-    References:
-      Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
-      Neural Computation 2002.
-    """
-)
 
 
 def hessian_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):

@@ -2,47 +2,29 @@
 
 from __future__ import annotations
 
-from curvjax._src import diagonals, extract
+from curvjax._src import diagonals, quantities
 
-_ARGS = """
+
+def _one(name, apply_fn, params, batch, **kwargs):
+    return quantities.compute_one(name, apply_fn, params, batch, **kwargs)
+
+
+def ggn_diag(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+    """Exact diagonal of the generalised Gauss-Newton matrix (``DiagGGNExact``).
+
+    .. math::
+        \\operatorname{diag}(G), \\qquad G = κ \\sum_n J_n^⊤ S_n S_n^⊤ J_n ,
+
+    computed by backpropagating the ``C`` columns of ``√κ S_n`` through the parameter taps (one
+    backward pass vmapped over the columns) and summing the squared per-column gradients.
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
       batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``)."""
-_MC_ARGS = """
-      key: PRNG key for sampling ``ŷ ~ p(y | f_n)``.
-      mc_samples: number ``M`` of sampled columns per example."""
-
-
-def _one(name, apply_fn, params, batch, *, loss, reduction, key=None, mc_samples=1):
-    p, values = extract.compute(
-        apply_fn,
-        params,
-        batch,
-        (name,),
-        loss=loss,
-        reduction=reduction,
-        key=key,
-        mc_samples=mc_samples,
-    )
-    return p.model.unflatten_float(values[name])
-
-
-def ggn_diag(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    return _one("ggn_diag", apply_fn, params, batch, loss=loss, reduction=reduction)
-
-
-ggn_diag.__doc__ = f"""Exact diagonal of the generalised Gauss-Newton matrix (``DiagGGNExact``).
-
-    .. math::
-        \\operatorname{{diag}}(G), \\qquad G = κ \\sum_n J_n^⊤ S_n S_n^⊤ J_n ,
-
-    computed by backpropagating the ``C`` columns of ``√κ S_n`` through the parameter taps (one
-    backward pass vmapped over the columns) and summing the squared per-column gradients.
-{_ARGS}
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
 
     Returns:
       A pytree like ``params``.
@@ -51,17 +33,46 @@ ggn_diag.__doc__ = f"""Exact diagonal of the generalised Gauss-Newton matrix (``
       >>> import jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: x @ p["w"]
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> curvjax.ggn_diag(apply_fn, {{"w": jnp.ones((4, 3))}}, batch)["w"].shape
+      >>> curvjax.ggn_diag(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
       (4, 3)
 
     References:
       Dangel, Kunstner & Hennig, "BackPACK: Packing more into backprop", ICLR 2020, eq. 6.
     """
+    return _one("ggn_diag", apply_fn, params, batch, loss=loss, reduction=reduction)
 
 
 def ggn_diag_mc(
     apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"
 ):
+    """Monte-Carlo estimate of the GGN diagonal (``DiagGGNMC``), unbiased.
+
+    .. math::
+        \\operatorname{diag}\\Big(κ \\sum_n J_n^⊤ \\tilde S_n \\tilde S_n^⊤ J_n\\Big), \\qquad
+        \\tilde S_n = \\tfrac{1}{\\sqrt M} [∇_f ℓ(f_n, ŷ_1), …, ∇_f ℓ(f_n, ŷ_M)], \\;
+        ŷ_m \\sim p(y | f_n).
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      key: PRNG key for sampling ``ŷ ~ p(y | f_n)``.
+      mc_samples: number ``M`` of sampled columns per example.
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> out = curvjax.ggn_diag_mc(apply_fn, {"w": jnp.ones((4, 3))}, batch, key=jax.random.key(0))
+      >>> out["w"].shape
+      (4, 3)
+    """
     return _one(
         "ggn_diag_mc",
         apply_fn,
@@ -72,27 +83,6 @@ def ggn_diag_mc(
         key=key,
         mc_samples=mc_samples,
     )
-
-
-ggn_diag_mc.__doc__ = f"""Monte-Carlo estimate of the GGN diagonal (``DiagGGNMC``), unbiased.
-
-    .. math::
-        \\operatorname{{diag}}\\Big(κ \\sum_n J_n^⊤ \\tilde S_n \\tilde S_n^⊤ J_n\\Big), \\qquad
-        \\tilde S_n = \\tfrac{{1}}{{\\sqrt M}} [∇_f ℓ(f_n, ŷ_1), …, ∇_f ℓ(f_n, ŷ_M)], \\;
-        ŷ_m \\sim p(y | f_n).
-{_ARGS}{_MC_ARGS}
-
-    Returns:
-      A pytree like ``params``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, curvjax
-      >>> apply_fn = lambda p, x: x @ p["w"]
-      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> out = curvjax.ggn_diag_mc(apply_fn, {{"w": jnp.ones((4, 3))}}, batch, key=jax.random.key(0))
-      >>> out["w"].shape
-      (4, 3)
-    """
 
 
 def hessian_diag(
@@ -106,20 +96,11 @@ def hessian_diag(
     key=None,
     mc_samples=1,
 ):
-    if method == "exact":
-        return _one("hessian_diag", apply_fn, params, batch, loss=loss, reduction=reduction)
-    if method == "hutchinson":
-        return diagonals.hutchinson_diag(
-            apply_fn, params, batch, loss=loss, reduction=reduction, key=key, mc_samples=mc_samples
-        )
-    raise ValueError(f"unknown method {method!r}: use 'exact' or 'hutchinson'.")
-
-
-hessian_diag.__doc__ = f"""Diagonal of the Hessian of the reduced loss (``DiagHessian``).
+    """Diagonal of the Hessian of the reduced loss (``DiagHessian``).
 
     .. math::
-        \\operatorname{{diag}}(∇^2 L) = \\operatorname{{diag}}(G) + \\sum_{{\\text{{nodes }} z = σ(u)}}
-        \\operatorname{{diag}}\\big(J_u^⊤ (δ_z ⊙ σ''(u)) J_u\\big) .
+        \\operatorname{diag}(∇^2 L) = \\operatorname{diag}(G) + \\sum_{\\text{nodes } z = σ(u)}
+        \\operatorname{diag}\\big(J_u^⊤ (δ_z ⊙ σ''(u)) J_u\\big) .
 
     ``method="exact"`` adds to the GGN columns, at every elementwise operation with a non-zero
     second derivative between activations (``tanh``, ``logistic``, ``exp``, softplus, GELU, the
@@ -130,8 +111,17 @@ hessian_diag.__doc__ = f"""Diagonal of the Hessian of the reduced loss (``DiagHe
     parameter transformed non-linearly, ``scan``) raise a ``ValueError`` that names it.
     ``method="hutchinson"`` returns ``(1/S) Σ_s v_s ⊙ ∇²L v_s`` with Rademacher ``v_s``, an
     unbiased estimate for any model (Bekas et al. 2007; AdaHessian, Sophia).
-{_ARGS}
-      method: ``"exact"`` or ``"hutchinson"``.{_MC_ARGS.replace("sampling ``ŷ ~ p(y | f_n)``", "the Rademacher probes (hutchinson)").replace("sampled columns per example", "probes (hutchinson)")}
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      method: ``"exact"`` or ``"hutchinson"``.
+      key: PRNG key for the Rademacher probes (hutchinson).
+      mc_samples: number ``M`` of probes (hutchinson).
 
     Returns:
       A pytree like ``params``.
@@ -140,21 +130,59 @@ hessian_diag.__doc__ = f"""Diagonal of the Hessian of the reduced loss (``DiagHe
       >>> import jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w"])
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> curvjax.hessian_diag(apply_fn, {{"w": jnp.ones((4, 3))}}, batch)["w"].shape
+      >>> curvjax.hessian_diag(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].shape
       (4, 3)
     """
+    if method == "exact":
+        return _one("hessian_diag", apply_fn, params, batch, loss=loss, reduction=reduction)
+    if method == "hutchinson":
+        return diagonals.hutchinson_diag(
+            apply_fn, params, batch, loss=loss, reduction=reduction, key=key, mc_samples=mc_samples
+        )
+    raise ValueError(f"unknown method {method!r}: use 'exact' or 'hutchinson'.")
 
-_KRON = """
+
+def kfac(apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"):
+    """Kronecker-factored GGN blocks with Monte-Carlo output factors (K-FAC).
+
+    .. math::
+        G_{\\text{layer}} ≈ A ⊗ B, \\quad A = \\frac{1}{N T} \\sum_{n,t} a a^⊤, \\quad
+        B = \\sum_{n,m,t} b b^⊤, \\quad b = J_z^⊤ \\sqrt{κ} \\tilde S_n e_m ,
+
+    with ``a`` the layer input (patches for convolutions), ``T`` the positions sharing the weight
+    and ``S̃_n`` sampled as in :func:`ggn_diag_mc`. For mean reduction
+    ``A ⊗ B = (1/N Σ aaᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      key: PRNG key for sampling ``ŷ ~ p(y | f_n)``.
+      mc_samples: number ``M`` of sampled columns per example.
+
     Returns:
       A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],
       b [G, O, O], index)`` for the kernel of a dense or convolution layer, :class:`curvjax.DenseBlock`
       for 1-D leaves (biases, normalisation scales; biases are not folded into the kernel's block),
       :class:`curvjax.DiagonalBlock` for other leaves. :func:`curvjax.block_to_dense` gives the
       ``[D, D]`` matrix of a block.
-"""
 
+    Example:
+      >>> import jax, jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> blocks = curvjax.kfac(apply_fn, {"w": jnp.ones((4, 3))}, batch, key=jax.random.key(0))
+      >>> blocks["w"].a.shape, blocks["w"].b.shape
+      ((1, 4, 4), (1, 3, 3))
 
-def kfac(apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"):
+    References:
+      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+      curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
+      convolution layers", ICML 2016.
+    """
     return _one(
         "kfac",
         apply_fn,
@@ -167,71 +195,68 @@ def kfac(apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", re
     )
 
 
-kfac.__doc__ = f"""Kronecker-factored GGN blocks with Monte-Carlo output factors (K-FAC).
-
-    .. math::
-        G_{{\\text{{layer}}}} ≈ A ⊗ B, \\quad A = \\frac{{1}}{{N T}} \\sum_{{n,t}} a a^⊤, \\quad
-        B = \\sum_{{n,m,t}} b b^⊤, \\quad b = J_z^⊤ \\sqrt{{κ}} \\tilde S_n e_m ,
-
-    with ``a`` the layer input (patches for convolutions), ``T`` the positions sharing the weight
-    and ``S̃_n`` sampled as in :func:`ggn_diag_mc`. For mean reduction
-    ``A ⊗ B = (1/N Σ aaᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)``.
-{_ARGS}{_MC_ARGS}
-{_KRON}
-    Example:
-      >>> import jax, jax.numpy as jnp, curvjax
-      >>> apply_fn = lambda p, x: x @ p["w"]
-      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> blocks = curvjax.kfac(apply_fn, {{"w": jnp.ones((4, 3))}}, batch, key=jax.random.key(0))
-      >>> blocks["w"].a.shape, blocks["w"].b.shape
-      ((1, 4, 4), (1, 3, 3))
-
-    References:
-      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
-      curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
-      convolution layers", ICML 2016.
-    """
-
-
 def kflr(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    return _one("kflr", apply_fn, params, batch, loss=loss, reduction=reduction)
+    """Kronecker-factored GGN blocks with the exact output factor (KFLR).
 
-
-kflr.__doc__ = f"""Kronecker-factored GGN blocks with the exact output factor (KFLR).
-
-    As :func:`kfac`, with ``B = Σ_{{n,c,t}} b bᵀ`` from the ``C`` exact columns of ``√κ S_n``.
+    As :func:`kfac`, with ``B = Σ_{n,c,t} b bᵀ`` from the ``C`` exact columns of ``√κ S_n``.
     Exact for a single dense layer seeing one example, and for deep linear networks with MSE.
-{_ARGS}
-{_KRON}
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+
+    Returns:
+      A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],
+      b [G, O, O], index)`` for the kernel of a dense or convolution layer, :class:`curvjax.DenseBlock`
+      for 1-D leaves (biases, normalisation scales; biases are not folded into the kernel's block),
+      :class:`curvjax.DiagonalBlock` for other leaves. :func:`curvjax.block_to_dense` gives the
+      ``[D, D]`` matrix of a block.
+
     Example:
       >>> import jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: x @ p["w"]
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> curvjax.kflr(apply_fn, {{"w": jnp.ones((4, 3))}}, batch)["w"].b.shape
+      >>> curvjax.kflr(apply_fn, {"w": jnp.ones((4, 3))}, batch)["w"].b.shape
       (1, 3, 3)
 
     References:
       Botev, Ritter & Barber, "Practical Gauss-Newton optimisation for deep learning", ICML 2017.
     """
+    return _one("kflr", apply_fn, params, batch, loss=loss, reduction=reduction)
 
 
 def kfra(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
-    return _one("kfra", apply_fn, params, batch, loss=loss, reduction=reduction)
-
-
-kfra.__doc__ = f"""Kronecker-factored blocks with the batch-averaged recursion for ``B`` (KFRA).
+    """Kronecker-factored blocks with the batch-averaged recursion for ``B`` (KFRA).
 
     For a feed-forward chain of dense layers ``z_i = W_i a_i`` (elementwise operations between
     them), the last layer's ``B`` is KFLR's; below it
-    ``B_{{i-1}} = (1/N) Σ_n J_nᵀ B_i J_n`` with ``J_n = ∂z_i / ∂z_{{i-1}}`` for example ``n``
-    (computed by backpropagating the columns of ``B_i^{{1/2}}``). Models that are not such a chain
+    ``B_{i-1} = (1/N) Σ_n J_nᵀ B_i J_n`` with ``J_n = ∂z_i / ∂z_{i-1}`` for example ``n``
+    (computed by backpropagating the columns of ``B_i^{1/2}``). Models that are not such a chain
     (convolutions, residual connections, attention) raise a ``ValueError``.
-{_ARGS}
-{_KRON}
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+
+    Returns:
+      A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],
+      b [G, O, O], index)`` for the kernel of a dense or convolution layer, :class:`curvjax.DenseBlock`
+      for 1-D leaves (biases, normalisation scales; biases are not folded into the kernel's block),
+      :class:`curvjax.DiagonalBlock` for other leaves. :func:`curvjax.block_to_dense` gives the
+      ``[D, D]`` matrix of a block.
+
     Example:
       >>> import jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
-      >>> params = {{"w1": jnp.ones((4, 6)) / 4, "w2": jnp.ones((6, 3)) / 6}}
+      >>> params = {"w1": jnp.ones((4, 6)) / 4, "w2": jnp.ones((6, 3)) / 6}
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
       >>> curvjax.kfra(apply_fn, params, batch)["w1"].b.shape
       (1, 6, 6)
@@ -239,3 +264,4 @@ kfra.__doc__ = f"""Kronecker-factored blocks with the batch-averaged recursion f
     References:
       Botev, Ritter & Barber, "Practical Gauss-Newton optimisation for deep learning", ICML 2017.
     """
+    return _one("kfra", apply_fn, params, batch, loss=loss, reduction=reduction)

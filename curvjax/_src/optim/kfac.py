@@ -5,7 +5,7 @@ every ``T`` steps (``lax.cond`` on the step counter). With ``block="diagonal"`` 
 the blocks of :func:`curvjax.kfac` (or ``kflr`` / ``kfra``; biases are their own dense block) and
 the preconditioner holds their eigendecompositions, so the current damping enters at every step.
 With ``block="tridiagonal"`` (feed-forward chains of dense layers) they are the
-:class:`~curvjax._src.optim.tridiagonal.ChainFactors` with the cross-layer factors and the
+:class:`~curvjax.ChainFactors` with the cross-layer factors and the
 preconditioner is the block-tridiagonal inverse of §4.3, computed with the damping of the
 refresh step.
 """
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvjax._src import chain, products
 from curvjax._src import extract as extract_lib
-from curvjax._src import products
 from curvjax._src import taps as taps_lib
 from curvjax._src.kronecker import KroneckerBlock
 from curvjax._src.optim import precondition as pre
@@ -93,13 +93,13 @@ class _Core:
 
     def layers(self, params):
         model = taps_lib.TracedModel(self.apply_fn, params, self.one)
-        return model, tridiagonal.chain_layers(model)
+        return model, chain.chain_layers(model)
 
     def init(self, params):
         """Zero factors and preconditioner with the model's layout."""
         structs = _shape_structs(params)
         if self.block == "tridiagonal":
-            fn = lambda p: tridiagonal.chain_factors(  # noqa: E731
+            fn = lambda p: chain.chain_factors(  # noqa: E731
                 self.apply_fn, p, self._dummy_batch(), quantity="kflr"
             )["chain_factors"]
             factors = jax.eval_shape(fn, structs)
@@ -124,7 +124,7 @@ class _Core:
                     "(from `curvjax.extract` or `chain_factors`) or `batch=` (and `key=`)."
                 )
             if self.block == "tridiagonal":
-                out = tridiagonal.chain_factors(
+                out = chain.chain_factors(
                     self.apply_fn,
                     params,
                     batch,
@@ -146,7 +146,7 @@ class _Core:
                 mc_samples=self.mc_samples,
             )
         if self.block == "tridiagonal":
-            if not isinstance(curvature, tridiagonal.ChainFactors):
+            if not isinstance(curvature, chain.ChainFactors):
                 raise ValueError(
                     "block='tridiagonal' takes `curvature=` from "
                     "`chain_factors(...)['chain_factors']`, got "

@@ -182,15 +182,8 @@ def _structure(apply_fn, params, example_inputs):
 
     @jax.jit
     def kflr_blocks(params, one):
-        p, values = extract_lib.compute(
-            apply_fn,
-            params,
-            (one, jnp.zeros((1,), jnp.int32)),
-            ("kflr",),
-            loss="cross_entropy",
-            reduction="mean",
-        )
-        return p.model.unflatten_float(values["kflr"])
+        batch = (one, jnp.zeros((1,), jnp.int32))
+        return extract_lib.extract(apply_fn, params, batch, ("kflr",))["kflr"]
 
     blocks = kflr_blocks(params, one)
 

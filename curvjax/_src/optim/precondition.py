@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from curvjax._src import extract as extract_lib
+from curvjax._src import quantities
 from curvjax._src.kronecker import DenseBlock, DiagonalBlock, KroneckerBlock
 from curvjax._src.optim import linalg
 
 BLOCKS = (KroneckerBlock, DenseBlock, DiagonalBlock)
-QUANTITIES = ("ggn_diag", "ggn_diag_mc", "hessian_diag", "kfac", "kflr", "kfra")
+QUANTITIES = quantities.curvature_names()
 
 
 def is_block(x) -> bool:
