@@ -21,11 +21,22 @@ from curvjax._src import chunking
 CASE = "cnn_stride2_same"
 
 
+def test_column_chunks_are_few_and_bounded(monkeypatch):
+    monkeypatch.setattr(chunking, "COLUMN_BUDGET", 10)
+    monkeypatch.setattr(chunking, "COLUMN_BUDGET_MAX", 40)
+    monkeypatch.setattr(chunking, "FEW_CHUNKS", 4)
+    assert chunking.column_chunk_size(8, 5) == 2  # 4 chunks of the small budget: kept
+    assert chunking.column_chunk_size(16, 5) == 4  # 8 small chunks -> 4 larger ones
+    assert chunking.column_chunk_size(100, 5) == 8  # capped by the largest budget (13 chunks)
+    assert chunking.column_chunk_size(3, 50) == 1  # a vector larger than any budget: one each
+
+
 @pytest.mark.parametrize("mode", ["unrolled", "loop"])
 def test_chunked_columns_and_examples_match_references(monkeypatch, mode):
     case = models.get_case(CASE)
     batch = models.make_batch(case, "cross_entropy")
     monkeypatch.setattr(chunking, "COLUMN_BUDGET", 1)
+    monkeypatch.setattr(chunking, "COLUMN_BUDGET_MAX", 1)
     monkeypatch.setattr(chunking, "BUDGET", 1)
     if mode == "loop":
         monkeypatch.setattr(chunking, "MAX_UNROLLED", 1)

@@ -78,7 +78,7 @@ class Pass(NamedTuple):
         weights = jnp.ones((n, m), columns.dtype) if weights is None else weights
         extra = (probe_columns, output_columns)
         per_vector = n * (_size(self.cots) + _size(self.probes) + _size(self.tap_outputs))
-        chunk = chunking.chunk_size(m, per_vector, budget=chunking.COLUMN_BUDGET)
+        chunk = chunking.column_chunk_size(m, per_vector)
 
         def one(xs):
             cols, w, (probes, outputs) = xs
