@@ -1,7 +1,7 @@
 """Second-order optimizers as optax transforms.
 
 * :func:`precondition_by_curvature` -- ``(G + (λ+η) I)⁻¹ (∇L + η θ)`` for any curvature curvjax
-  computes (diagonals, Kronecker / dense / diagonal blocks), seed 000 eq. 27-29.
+  computes (diagonals, Kronecker / dense / diagonal blocks); Dangel et al. (2020), eq. 27-29.
 * :func:`scale_by_kfac` and :func:`kfac` -- K-FAC (Martens & Grosse 2015): factor moving averages,
   periodic inverses, factored Tikhonov damping, Levenberg-Marquardt adaptation, the quadratic-model
   learning rate and momentum; block-diagonal or block-tridiagonal inverse (``chain_factors``).

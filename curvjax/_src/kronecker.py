@@ -10,7 +10,7 @@ approximated as ``A ⊗ B`` (per feature group ``g``) in the tap's canonical ord
 where ``a`` are the layer inputs (patches for convolutions, Grosse & Martens 2016), ``T`` the number
 of positions sharing the weight (1 for dense layers; the "expand" convention of Eschenhagen et
 al. 2023 for convolutions), and ``b`` the output cotangents of the backpropagated vectors, which
-carry ``√κ``: for mean reduction ``A ⊗ B = (1/N Σ a aᵀ) ⊗ (1/N Σ_n Σ_c b̂ b̂ᵀ)`` as in SPEC.md.
+carry ``√κ``: for mean reduction ``A ⊗ B = (1/N Σ a aᵀ) ⊗ (1/N Σ_n Σ_c b̂ b̂ᵀ)``.
 KFLR backpropagates the exact factor ``S_n`` (Botev et al. 2017), KFAC ``M`` sampled columns
 (Martens & Grosse 2015), KFRA replaces the per-example backpropagation of ``B`` by the batch-averaged
 recursion ``B̄⁽ⁱ⁻¹⁾ = (1/N) Σ_n J_nᵀ B̄⁽ⁱ⁾ J_n`` along a chain of dense layers.

@@ -1,4 +1,4 @@
-"""Curvature-preconditioned gradient descent (BackPACK, seed 000 eq. 27-29) as an optax transform."""
+"""Curvature-preconditioned gradient descent (Dangel et al. 2020, eq. 27-29) as an optax transform."""
 
 from __future__ import annotations
 
