@@ -20,9 +20,11 @@ import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray, PyTree
 
 from curvjax._src import backprop, kronecker, leafwise, primitives, rules
 from curvjax._src import taps as taps_lib
+from curvjax._src.typing import ApplyFn, Batch, LossLike
 
 
 class ChainFactors(NamedTuple):
@@ -150,14 +152,14 @@ def assemble(p: backprop.Pass, parts: tuple) -> ChainFactors:
 
 
 def chain_factors(
-    apply_fn,
-    params,
-    batch,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
     *,
     quantity: str = "kfac",
-    key=None,
+    key: PRNGKeyArray | None = None,
     mc_samples: int = 1,
-    loss="cross_entropy",
+    loss: LossLike = "cross_entropy",
     reduction: str = "mean",
 ) -> dict:
     """Loss, gradient and the Kronecker factors of a dense chain with cross-layer factors.

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import jax
+from jaxtyping import PyTree
 
 from curvjax._src import products, quantities
+from curvjax._src.typing import ApplyFn, Batch, LossLike
 
 
-def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def grad(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Gradient of the reduced loss.
 
     .. math::
@@ -39,7 +48,14 @@ def grad(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
     return to_tree(jax.grad(reduced)(floats))
 
 
-def per_example_grads(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def per_example_grads(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Per-example gradient contributions (BackPACK's ``BatchGrad``).
 
     .. math::
@@ -71,7 +87,14 @@ def per_example_grads(apply_fn, params, batch, *, loss="cross_entropy", reductio
     )
 
 
-def batch_l2(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def batch_l2(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Squared norm of each example's gradient contribution, per leaf (``BatchL2Grad``).
 
     .. math::
@@ -103,7 +126,14 @@ def batch_l2(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean")
     )
 
 
-def sum_grad_squared(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def sum_grad_squared(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Sum over examples of the squared gradient contributions (``SumGradSquared``).
 
     .. math::
@@ -132,7 +162,14 @@ def sum_grad_squared(apply_fn, params, batch, *, loss="cross_entropy", reduction
     )
 
 
-def variance(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def variance(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Elementwise population variance of the gradient contributions (``Variance``).
 
     .. math::

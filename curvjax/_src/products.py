@@ -11,9 +11,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jaxtyping import PyTree
 
 from curvjax._src import backprop
 from curvjax._src import losses as losses_lib
+from curvjax._src.typing import ApplyFn, Batch, LossLike, ParamsLike
 
 
 def float_split(params):
@@ -44,7 +46,7 @@ def float_split(params):
     return floats, merge, to_tree, from_tree
 
 
-def whole_batch(apply_fn, params, batch, loss, reduction):
+def whole_batch(apply_fn: ApplyFn, params: PyTree, batch: Batch, loss, reduction):
     """The reduced loss of the whole batch as a function of the float leaves, and helpers.
 
     Returns ``(loss_fn, κ, targets, float leaves, outputs(fl), reduced(fl), to_tree, from_tree)``.
@@ -64,7 +66,15 @@ def whole_batch(apply_fn, params, batch, loss, reduction):
     return loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree
 
 
-def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+def hvp(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    vector: ParamsLike,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Hessian-vector product of the reduced loss, forward-over-reverse (Pearlmutter 1994).
 
     .. math::
@@ -95,7 +105,15 @@ def hvp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mea
     return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
 
 
-def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="mean"):
+def ggn_vp(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    vector: ParamsLike,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Generalised Gauss-Newton-vector product: ``J`` by ``jax.linearize``, loss Hessian, ``Jᵀ``.
 
     .. math::
@@ -139,7 +157,14 @@ def ggn_vp(apply_fn, params, batch, vector, *, loss="cross_entropy", reduction="
     return to_tree(result)
 
 
-def hessian_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def hessian_matrix(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Dense Hessian ``[D, D]`` of the reduced loss w.r.t. the flattened float parameters.
 
     For small models (tests, seed-001 comparisons). The flat order is that of
@@ -163,7 +188,14 @@ def hessian_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="
     return jax.jacfwd(jax.grad(lambda v: reduced(unravel(v))))(flat)
 
 
-def ggn_matrix(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def ggn_matrix(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Dense GGN ``κ Σ_n J_nᵀ H_n J_n`` ``[D, D]`` (flat order as :func:`hessian_matrix`).
 
     Args:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from jaxtyping import PRNGKeyArray, PyTree
+
 from curvjax._src import diagonals, quantities
+from curvjax._src.typing import ApplyFn, Batch, LossLike
 
 
 def _one(name, apply_fn, params, batch, **kwargs):
     return quantities.compute_one(name, apply_fn, params, batch, **kwargs)
 
 
-def ggn_diag(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def ggn_diag(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Exact diagonal of the generalised Gauss-Newton matrix (``DiagGGNExact``).
 
     .. math::
@@ -43,8 +53,15 @@ def ggn_diag(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean")
 
 
 def ggn_diag_mc(
-    apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"
-):
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    key: PRNGKeyArray,
+    mc_samples: int = 1,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Monte-Carlo estimate of the GGN diagonal (``DiagGGNMC``), unbiased.
 
     .. math::
@@ -86,15 +103,15 @@ def ggn_diag_mc(
 
 
 def hessian_diag(
-    apply_fn,
-    params,
-    batch,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
     *,
-    loss="cross_entropy",
-    reduction="mean",
-    method="exact",
-    key=None,
-    mc_samples=1,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+    method: str = "exact",
+    key: PRNGKeyArray | None = None,
+    mc_samples: int = 1,
 ):
     """Diagonal of the Hessian of the reduced loss (``DiagHessian``).
 
@@ -102,7 +119,7 @@ def hessian_diag(
         \\operatorname{diag}(∇^2 L) = \\operatorname{diag}(G) + \\sum_{\\text{nodes } z = σ(u)}
         \\operatorname{diag}\\big(J_u^⊤ (δ_z ⊙ σ''(u)) J_u\\big) .
 
-    ``method="exact"`` adds to the GGN columns, at every elementwise operation with a non-zero
+    ``method: str = "exact"`` adds to the GGN columns, at every elementwise operation with a non-zero
     second derivative between activations (``tanh``, ``logistic``, ``exp``, softplus, GELU, the
     products and reciprocal square roots of LayerNorm, …), the residual ``δ ⊙ ∇²σ`` split into
     positive and negative parts, whose square-root columns are backpropagated like those of
@@ -142,7 +159,16 @@ def hessian_diag(
     raise ValueError(f"unknown method {method!r}: use 'exact' or 'hutchinson'.")
 
 
-def kfac(apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", reduction="mean"):
+def kfac(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    key: PRNGKeyArray,
+    mc_samples: int = 1,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Kronecker-factored GGN blocks with Monte-Carlo output factors (K-FAC).
 
     .. math::
@@ -195,7 +221,14 @@ def kfac(apply_fn, params, batch, *, key, mc_samples=1, loss="cross_entropy", re
     )
 
 
-def kflr(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def kflr(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Kronecker-factored GGN blocks with the exact output factor (KFLR).
 
     As :func:`kfac`, with ``B = Σ_{n,c,t} b bᵀ`` from the ``C`` exact columns of ``√κ S_n``.
@@ -229,7 +262,14 @@ def kflr(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
     return _one("kflr", apply_fn, params, batch, loss=loss, reduction=reduction)
 
 
-def kfra(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
+def kfra(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+) -> PyTree:
     """Kronecker-factored blocks with the batch-averaged recursion for ``B`` (KFRA).
 
     For a feed-forward chain of dense layers ``z_i = W_i a_i`` (elementwise operations between
