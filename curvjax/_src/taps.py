@@ -8,9 +8,11 @@ is classified as
 
 An equation that takes both a parameter-derived static input and an activation is a **tap**
 (``dot_general`` of a dense layer, ``conv_general_dilated``, the ``add`` of a bias, the ``mul`` of a
-LayerNorm scale, a ``gather`` of an embedding, or any other primitive). Calls (``jit``,
-``custom_jvp_call``, ``custom_vjp_call``, ``remat``, ``closed_call``) that contain taps are entered
-recursively; calls without taps are bound unchanged, keeping their custom derivative rules.
+LayerNorm scale, a ``gather`` of an embedding, or any other primitive). Calls (``jit``, ``remat``,
+``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``: the entries of
+:mod:`curvjax._src.primitives` with a ``call``) that contain taps are entered recursively; calls
+without taps are bound unchanged, keeping their custom derivative rules. What the analysis and the
+evaluation know about each primitive comes from that registry, and both run its interpreter.
 
 The jaxpr is re-evaluated with a perturbation ``ε`` added to every tap's output, recording the
 tap's activation inputs ``a``. Evaluated under ``jax.vmap`` over the examples, the VJP with respect
