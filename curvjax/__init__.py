@@ -1,6 +1,13 @@
 """curvjax: per-example gradients, curvature and Hessian spectra for any pure JAX function."""
 
 from curvjax import losses
+from curvjax._src.blocks import (
+    DenseBlock,
+    DiagonalBlock,
+    KroneckerBlock,
+    block_to_dense,
+    blocks_to_dense,
+)
 from curvjax._src.chain import ChainFactors, chain_factors
 from curvjax._src.extract import extract
 from curvjax._src.first_order import (
@@ -11,13 +18,6 @@ from curvjax._src.first_order import (
     variance,
 )
 from curvjax._src.inspection import LeafReport, ModelReport, TapReport, inspect
-from curvjax._src.kronecker import (
-    DenseBlock,
-    DiagonalBlock,
-    KroneckerBlock,
-    block_to_dense,
-    blocks_to_dense,
-)
 from curvjax._src.primitives import Registration, register_rule
 from curvjax._src.products import ggn_matrix, ggn_vp, hessian_matrix, hvp
 from curvjax._src.rules.bilinear import Form as BilinearForm

@@ -173,7 +173,10 @@ def test_precondition_grouped_conv_blocks():
 
     out, d = run(case.params, batch)
     c = lam + eta
-    blocks = jax.tree.leaves(out["kflr"], is_leaf=lambda x: isinstance(x, tuple))
+    is_block = lambda x: isinstance(  # noqa: E731
+        x, curvjax.KroneckerBlock | curvjax.DenseBlock | curvjax.DiagonalBlock
+    )
+    blocks = jax.tree.leaves(out["kflr"], is_leaf=is_block)
     groups_seen = 0
     for block, g, theta, got in zip(
         blocks,
@@ -184,7 +187,7 @@ def test_precondition_grouped_conv_blocks():
     ):
         rhs = np.asarray(g).ravel() + eta * np.asarray(theta).ravel()
         if isinstance(block, curvjax.KroneckerBlock):
-            a, b, index = (np.asarray(v) for v in block)
+            a, b, index = (np.asarray(v) for v in (block.a, block.b, block.index))
             groups_seen = max(groups_seen, a.shape[0])
             size = a.shape[0] * a.shape[1] * b.shape[1]
             canon = np.zeros((size, size))

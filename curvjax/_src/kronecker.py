@@ -23,74 +23,13 @@ a kernel of a single dense/conv tap (embeddings, tied weights) the diagonal of t
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from curvjax._src import backprop, diagonals, leafwise, rules
+from curvjax._src.blocks import DenseBlock, DiagonalBlock, KroneckerBlock
 from curvjax._src.rules import dense
-
-
-class KroneckerBlock(NamedTuple):
-    """``P (⊕_g A_g ⊗ B_g) Pᵀ``: a Kronecker-factored block of one kernel leaf.
-
-    Attributes:
-      a: ``[G, I, I]`` input-side factors (``G = 1`` unless feature groups / dot batch dims).
-      b: ``[G, O, O]`` output-side factors.
-      index: ``[D]`` int32, for each entry of the leaf (row-major) its canonical position
-        ``(g·I + i)·O + o``; for a flax ``Dense`` kernel ``[d_in, d_out]`` this is the identity.
-    """
-
-    a: jax.Array
-    b: jax.Array
-    index: jax.Array
-
-
-class DenseBlock(NamedTuple):
-    """A full ``[D, D]`` block over the leaf's entries (row-major)."""
-
-    matrix: jax.Array
-
-
-class DiagonalBlock(NamedTuple):
-    """A diagonal block; ``diagonal`` has the leaf's shape."""
-
-    diagonal: jax.Array
-
-
-def block_to_dense(block) -> jax.Array:
-    """The ``[D, D]`` matrix of one block, rows and columns in the leaf's row-major order.
-
-    Example:
-      >>> import jax.numpy as jnp, curvjax
-      >>> blk = curvjax.KroneckerBlock(jnp.eye(2)[None], 2 * jnp.eye(3)[None], jnp.arange(6))
-      >>> curvjax.block_to_dense(blk).shape
-      (6, 6)
-    """
-    if isinstance(block, DiagonalBlock):
-        return jnp.diag(block.diagonal.ravel())
-    if isinstance(block, DenseBlock):
-        return block.matrix
-    if isinstance(block, KroneckerBlock):
-        canon = jax.scipy.linalg.block_diag(
-            *[jnp.kron(block.a[g], block.b[g]) for g in range(block.a.shape[0])]
-        )
-        return canon[block.index][:, block.index]
-    raise TypeError(f"not a curvature block: {type(block).__name__}")
-
-
-def blocks_to_dense(blocks) -> jax.Array:
-    """Block-diagonal ``[D, D]`` matrix of a params-shaped tree of blocks.
-
-    Leaves are taken in ``jax.tree.leaves`` order of the parameters (``None`` entries, for
-    non-float leaves, are skipped), each flattened row-major: the order of
-    ``jax.flatten_util.ravel_pytree`` on the float leaves, as :func:`curvjax.ggn_matrix` uses.
-    """
-    is_block = lambda x: isinstance(x, KroneckerBlock | DenseBlock | DiagonalBlock)  # noqa: E731
-    mats = [block_to_dense(b) for b in jax.tree.leaves(blocks, is_leaf=is_block)]
-    return jax.scipy.linalg.block_diag(*mats)
 
 
 def _gram_of_rows(rows):

@@ -208,11 +208,12 @@ def fast_taps(p: Pass) -> dict:
     return _split_leaves(p)[0]
 
 
-def canonical_index(p: Pass, tap, k: int, form) -> jax.Array:
+def canonical_index(p: Pass, tap, k: int, form) -> np.ndarray:
     """For each entry of leaf ``k`` (row-major), its position in the tap's canonical ``(G, I, O)``.
 
     The relayout from canonical order to the leaf is a permutation; it is applied to the positions
-    themselves, split in two halves so that float32 represents them exactly.
+    themselves, split in two halves so that float32 represents them exactly. It depends on static
+    shapes only and is evaluated at trace time: the result is a numpy array (static layout data).
     """
     g, i = form.a.shape[1], form.a.shape[3]
     o = form.b.shape[-1]
@@ -220,9 +221,10 @@ def canonical_index(p: Pass, tap, k: int, form) -> jax.Array:
     dtype = p.outputs.dtype
     positions = np.arange(size)
     parts = []
-    for part in (positions // 4096, positions % 4096):
-        canon = jnp.asarray(part.reshape(g, i, o), dtype)
-        parts.append(_to_leaf(p, tap, k, form.to_param(canon), batched=False))
+    with jax.ensure_compile_time_eval():
+        for part in (positions // 4096, positions % 4096):
+            canon = jnp.asarray(part.reshape(g, i, o), dtype)
+            parts.append(np.asarray(_to_leaf(p, tap, k, form.to_param(canon), batched=False)))
     return (
-        jnp.round(parts[0]).astype(jnp.int32) * 4096 + jnp.round(parts[1]).astype(jnp.int32)
+        np.round(parts[0]).astype(np.int32) * 4096 + np.round(parts[1]).astype(np.int32)
     ).ravel()

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvjax._src import blocks as blocks_lib
 from curvjax._src import chain, products
 from curvjax._src import extract as extract_lib
 from curvjax._src import taps as taps_lib
-from curvjax._src.kronecker import KroneckerBlock
 from curvjax._src.optim import precondition as pre
 from curvjax._src.optim import tridiagonal
 
@@ -34,10 +34,11 @@ class ScaleByKfacState(NamedTuple):
 
     count: jax.Array  # [] int32: updates done so far
     factors: Any  # moving averages, dtype of the params: block="diagonal": params-shaped tree of
-    # KroneckerBlock (a [G, I, I], b [G, O, O], index [D] int32) / DenseBlock ([D, D]) /
+    # KroneckerBlock (a [G, I, I], b [G, O, O]; static index) / DenseBlock ([D, D]) /
     # DiagonalBlock (leaf-shaped) / None (non-float leaves); block="tridiagonal": ChainFactors
-    inverse: Any  # refreshed every `inverse_interval` steps: params-shaped KroneckerEigh /
-    # DenseEigh / DiagonalBlock / None (diagonal), or TridiagonalInverse (tridiagonal)
+    inverse: Any  # refreshed every `inverse_interval` steps: params-shaped eigendecomposed blocks
+    # (`block.eigh()`: KroneckerEigh / DenseEigh / DiagonalBlock) / None (block="diagonal"), or
+    # TridiagonalInverse (block="tridiagonal")
 
 
 class KfacState(NamedTuple):
@@ -109,9 +110,7 @@ class _Core:
             self.apply_fn, p, self._dummy_batch(), ("kflr",)
         )["kflr"]
         factors = jax.eval_shape(fn, structs)
-        inverse = jax.eval_shape(
-            lambda f: jax.tree.map(pre.block_eigh, f, is_leaf=pre.is_block), factors
-        )
+        inverse = jax.eval_shape(lambda f: blocks_lib.map_blocks(lambda b: b.eigh(), f), factors)
         return _zeros(factors), _zeros(inverse)
 
     # --- curvature of the current step -------------------------------------------------------
@@ -160,18 +159,13 @@ class _Core:
         blocks = pre.curvature_leaves(curvature, params)
         expected = treedef.flatten_up_to(state_factors)
         for (path, _), blk, want in zip(paths_leaves, blocks, expected, strict=True):
-            if type(blk) is not type(want):
+            if want is None and blk is None:
+                continue
+            if want is None or blk is None or not want.same_layout(blk):
                 raise ValueError(
-                    f"`curvature` for {pre.leaf_name(path)} is a {type(blk).__name__}, K-FAC keeps "
-                    f"a {type(want).__name__} there: pass the output of `curvjax.kfac`, `kflr` or "
-                    "`kfra` (or `extract(...)` of one of them) for the same `apply_fn`."
-                )
-            if isinstance(blk, KroneckerBlock) and (
-                blk.a.shape != want.a.shape or blk.b.shape != want.b.shape
-            ):
-                raise ValueError(
-                    f"`curvature` for {pre.leaf_name(path)} has factors {blk.a.shape} ⊗ "
-                    f"{blk.b.shape}, the optimizer was built for {want.a.shape} ⊗ {want.b.shape}."
+                    f"`curvature` for {pre.leaf_name(path)} is {blk!r}, K-FAC keeps {want!r} "
+                    "there: pass the output of `curvjax.kfac`, `kflr` or `kfra` (or "
+                    "`extract(...)` of one of them) for the same `apply_fn`."
                 )
         return jax.tree.unflatten(treedef, blocks)
 
@@ -179,7 +173,7 @@ class _Core:
     def refresh(self, factors, damping):
         if self.block == "tridiagonal":
             return tridiagonal.tridiagonal_inverse(factors, damping)
-        return jax.tree.map(pre.block_eigh, factors, is_leaf=pre.is_block)
+        return blocks_lib.map_blocks(lambda b: b.eigh(), factors)
 
     def direction(self, inverse, factors, grads, params, damping):
         """``(F̆ + c I)⁻¹ grads`` (factored damping ``c`` for the diagonal blocks)."""

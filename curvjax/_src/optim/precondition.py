@@ -9,17 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
 from curvjax._src import quantities
-from curvjax._src.kronecker import DenseBlock, DiagonalBlock, KroneckerBlock
-from curvjax._src.optim import linalg
 
-BLOCKS = (KroneckerBlock, DenseBlock, DiagonalBlock)
 QUANTITIES = quantities.curvature_names()
-
-
-def is_block(x) -> bool:
-    return isinstance(x, BLOCKS)
 
 
 def leaf_name(path) -> str:
@@ -35,75 +29,14 @@ def add_l2(grads, params, l2):
     return jax.tree.map(lambda g, p: g + l2 * p, grads, params)
 
 
-def block_eigh(block):
-    """What the damped inverse of ``block`` needs, independent of the damping.
-
-    A :class:`~curvjax._src.optim.linalg.KroneckerEigh` for a Kronecker block, a
-    :class:`~curvjax._src.optim.linalg.DenseEigh` for a dense block, the diagonal block itself, and
-    ``None`` for ``None`` (non-float leaves).
-    """
-    if isinstance(block, KroneckerBlock):
-        return linalg.kronecker_eigh(block.a, block.b, block.index)
-    if isinstance(block, DenseBlock):
-        return linalg.dense_eigh(block.matrix)
-    return block
-
-
 def apply_damped_inverse(inverse, vector: jax.Array, damping) -> jax.Array:
-    """``(G + c I)⁻¹ v`` for one leaf, ``G`` given by :func:`block_eigh` (Kronecker: factored).
+    """``(G + c I)⁻¹ v`` for one leaf from a block or its eigendecomposed form (Kronecker: factored).
 
-    ``inverse`` may also be a plain array (a diagonal curvature shaped like the leaf).
+    ``None`` (non-float leaves) leaves ``v`` unchanged.
     """
     if inverse is None:
         return vector
-    if isinstance(inverse, linalg.KroneckerEigh):
-        g, i = inverse.a_values.shape
-        shape = (g, i, inverse.b_values.shape[1])
-        canon = linalg.to_canonical(vector, inverse.index, shape)
-        solved = linalg.damped_kronecker_power(inverse, canon, damping)
-        return linalg.from_canonical(solved, inverse.index, vector.shape)
-    if isinstance(inverse, linalg.DenseEigh):
-        return linalg.damped_dense_power(inverse, vector, damping)
-    diagonal = inverse.diagonal if isinstance(inverse, DiagonalBlock) else inverse
-    return vector / (diagonal.reshape(vector.shape) + damping)
-
-
-def solve_damped(block, vector: jax.Array, damping) -> jax.Array:
-    """``(G + c I)⁻¹ v`` for one leaf straight from ``block`` (Cholesky solves, no state)."""
-    if isinstance(block, KroneckerBlock):
-        shape = (block.a.shape[0], block.a.shape[1], block.b.shape[1])
-        canon = linalg.to_canonical(vector, block.index, shape)
-        solved = linalg.damped_kronecker_solve(block.a, block.b, canon, damping)
-        return linalg.from_canonical(solved, block.index, vector.shape)
-    if isinstance(block, DenseBlock):
-        eye = jnp.eye(block.matrix.shape[0], dtype=block.matrix.dtype)
-        factor = jax.scipy.linalg.cho_factor(block.matrix + damping * eye)
-        return jax.scipy.linalg.cho_solve(factor, vector.reshape(-1)).reshape(vector.shape)
-    return apply_damped_inverse(block, vector, damping)
-
-
-def check_leaf(name: str, leaf, block) -> None:
-    """Raise a ``ValueError`` naming the leaf if ``block`` cannot be a curvature of ``leaf``."""
-    size = int(jnp.size(leaf))
-    if isinstance(block, KroneckerBlock):
-        if block.index.shape != (size,):
-            raise ValueError(
-                f"`curvature` for {name} is a KroneckerBlock over {block.index.shape[0]} entries, "
-                f"the leaf has {size}: compute the curvature for the same parameters."
-            )
-    elif isinstance(block, DenseBlock):
-        if block.matrix.shape != (size, size):
-            raise ValueError(
-                f"`curvature` for {name} is a DenseBlock of shape {block.matrix.shape}, the leaf "
-                f"has {size} entries."
-            )
-    elif block is not None:
-        diagonal = block.diagonal if isinstance(block, DiagonalBlock) else block
-        if jnp.shape(diagonal) != jnp.shape(leaf):
-            raise ValueError(
-                f"`curvature` for {name} has shape {jnp.shape(diagonal)}, the leaf "
-                f"{jnp.shape(leaf)}: pass a diagonal shaped like the parameters or curvjax blocks."
-            )
+    return inverse.damped_power(vector, damping)
 
 
 def curvature_leaves(curvature, updates) -> list:
@@ -116,8 +49,10 @@ def curvature_leaves(curvature, updates) -> list:
             "`curvature` must have the structure of the parameters (a params-shaped tree of "
             f"arrays or curvjax blocks): {err}"
         ) from None
+    blocks = [blocks_lib.as_block(block) for block in blocks]
     for (path, leaf), block in zip(paths_leaves, blocks, strict=True):
-        check_leaf(leaf_name(path), leaf, block)
+        if block is not None:
+            block.check_leaf(leaf_name(path), leaf)
     return blocks
 
 
@@ -257,7 +192,8 @@ def precondition_by_curvature(
         leaves, treedef = jax.tree.flatten(grads)
         blocks = curvature_leaves(curvature, grads)
         directions = [
-            solve_damped(block, g, shift) for g, block in zip(leaves, blocks, strict=True)
+            g if block is None else block.damped_solve(g, shift)
+            for g, block in zip(leaves, blocks, strict=True)
         ]
         return jax.tree.unflatten(treedef, directions), state
 

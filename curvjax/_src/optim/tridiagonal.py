@@ -25,7 +25,7 @@ whose inverse is block-tridiagonal (a Gaussian chain ``vec DW_l | vec DW_{l+1}``
 
 with ``Ψ^A_l = Ā_{l,l+1} Ā_{l+1,l+1}⁻¹``, ``Ψ^G_l = G_{l,l+1} G_{l+1,l+1}⁻¹`` and
 ``Σ_{l|l+1} = Ā_{l,l} ⊗ G_{l,l} - Ψ^A_l Ā_{l+1,l+1} Ψ^{A⊤}_l ⊗ Ψ^G_l G_{l+1,l+1} Ψ^{G⊤}_l``, inverted
-through two generalised eigendecompositions (:func:`linalg.kronecker_difference_solve`).
+through two generalised eigendecompositions (``kronecker_difference_solve`` of the blocks module).
 
 Damping (the factored Tikhonov damping of §6.3 on the diagonal factors): ``Ā_{l,l}`` and
 ``G_{l,l}`` are replaced everywhere by ``Ā_{l,l} + π_l √c I`` and ``G_{l,l} + √c/π_l I``
@@ -43,8 +43,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from curvjax._src import blocks as blocks_lib
 from curvjax._src.chain import ChainFactors, Layer
-from curvjax._src.optim import linalg
 
 
 class TridiagonalInverse(NamedTuple):
@@ -72,7 +72,7 @@ def tridiagonal_inverse(factors: ChainFactors, damping) -> TridiagonalInverse:
     root = jnp.sqrt(jnp.asarray(damping, factors.a[0].dtype))
     a_damped, g_damped = [], []
     for a, g in zip(factors.a, factors.g, strict=True):
-        pi = linalg.kronecker_pi(a[None], g[None])[0]
+        pi = blocks_lib.kronecker_pi(a[None], g[None])[0]
         a_damped.append(a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype))
         g_damped.append(g + root / pi * jnp.eye(g.shape[0], dtype=g.dtype))
     psi_a, psi_g, c_a, c_g = [], [], [], []
@@ -85,8 +85,8 @@ def tridiagonal_inverse(factors: ChainFactors, damping) -> TridiagonalInverse:
         c_g.append(pg @ gc.T)
     c_a.append(jnp.zeros_like(a_damped[-1]))
     c_g.append(jnp.zeros_like(g_damped[-1]))
-    a_eig = [linalg.generalized_eigh(a, c) for a, c in zip(a_damped, c_a, strict=True)]
-    g_eig = [linalg.generalized_eigh(g, c) for g, c in zip(g_damped, c_g, strict=True)]
+    a_eig = [blocks_lib.generalized_eigh(a, c) for a, c in zip(a_damped, c_a, strict=True)]
+    g_eig = [blocks_lib.generalized_eigh(g, c) for g, c in zip(g_damped, c_g, strict=True)]
     return TridiagonalInverse(
         a_vectors=tuple(e[0] for e in a_eig),
         a_values=tuple(e[1] for e in a_eig),
@@ -105,7 +105,7 @@ def apply_tridiagonal_inverse(inverse: TridiagonalInverse, mats: list) -> list:
         for k in range(num)
     ]
     w = [
-        linalg.kronecker_difference_solve(
+        blocks_lib.kronecker_difference_solve(
             inverse.a_vectors[k],
             inverse.a_values[k],
             inverse.g_vectors[k],
@@ -126,7 +126,7 @@ def to_layer_matrices(leaves: list, layers: list[Layer], factors: ChainFactors) 
     for layer, index, a, g in zip(layers, factors.index, factors.a, factors.g, strict=True):
         o = g.shape[0]
         i = a.shape[0] - (layer.bias is not None)
-        w = linalg.to_canonical(leaves[layer.kernel], index, (1, i, o))[0]
+        w = blocks_lib.to_canonical(leaves[layer.kernel], index, (1, i, o))[0]
         if layer.bias is not None:
             w = jnp.concatenate([w, leaves[layer.bias].reshape(1, o)], axis=0)
         mats.append(w)
@@ -138,7 +138,9 @@ def from_layer_matrices(mats: list, leaves: list, layers: list[Layer], factors) 
     out = list(leaves)
     for w, layer, index in zip(mats, layers, factors.index, strict=True):
         kernel = w[:-1] if layer.bias is not None else w
-        out[layer.kernel] = linalg.from_canonical(kernel[None], index, leaves[layer.kernel].shape)
+        out[layer.kernel] = blocks_lib.from_canonical(
+            kernel[None], index, leaves[layer.kernel].shape
+        )
         if layer.bias is not None:
             out[layer.bias] = w[-1].reshape(leaves[layer.bias].shape)
     return out

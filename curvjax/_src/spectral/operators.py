@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from curvjax._src import kronecker, products
+from curvjax._src import blocks as blocks_lib
+from curvjax._src import products
 
 
 class LinearOperator(NamedTuple):
@@ -189,38 +190,6 @@ def diagonal_operator(diagonal, params):
     )
 
 
-def _is_block(x) -> bool:
-    return isinstance(x, kronecker.KroneckerBlock | kronecker.DenseBlock | kronecker.DiagonalBlock)
-
-
-def _block_matvec(block, v):
-    if isinstance(block, kronecker.DiagonalBlock):
-        return block.diagonal.ravel() * v
-    if isinstance(block, kronecker.DenseBlock):
-        return block.matrix @ v
-    g, i, o = block.a.shape[0], block.a.shape[1], block.b.shape[1]
-    canon = jnp.zeros_like(v).at[block.index].set(v).reshape(g, i, o)
-    out = jnp.einsum("gij,gjo,gpo->gip", block.a, canon, block.b)
-    return out.ravel()[block.index]
-
-
-def _block_eigenvalues(block):
-    if isinstance(block, kronecker.DiagonalBlock):
-        return block.diagonal.ravel()
-    if isinstance(block, kronecker.DenseBlock):
-        return jnp.linalg.eigvalsh(block.matrix)
-    ea, eb = jnp.linalg.eigvalsh(block.a), jnp.linalg.eigvalsh(block.b)  # [G, I], [G, O]
-    return jnp.einsum("gi,go->gio", ea, eb).ravel()
-
-
-def _block_trace(block):
-    if isinstance(block, kronecker.DiagonalBlock):
-        return jnp.sum(block.diagonal)
-    if isinstance(block, kronecker.DenseBlock):
-        return jnp.trace(block.matrix)
-    return jnp.sum(jnp.trace(block.a, axis1=1, axis2=2) * jnp.trace(block.b, axis1=1, axis2=2))
-
-
 def blocks_operator(blocks, params):
     """The block-diagonal matrix of a params-shaped tree of blocks (:func:`curvjax.kfac`, …).
 
@@ -228,7 +197,7 @@ def blocks_operator(blocks, params):
     its eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
     """
     floats, flat, _, to_tree, from_tree = _flattening(params)
-    block_list = jax.tree.leaves(blocks, is_leaf=_is_block)
+    block_list = jax.tree.leaves(blocks, is_leaf=blocks_lib.is_block)
     sizes = [int(jnp.size(x)) for x in floats]
     offsets = [0]
     for s in sizes:
@@ -236,7 +205,7 @@ def blocks_operator(blocks, params):
 
     def matvec(v):
         parts = [
-            _block_matvec(b, v[start:stop])
+            b.matvec(v[start:stop])
             for b, start, stop in zip(block_list, offsets[:-1], offsets[1:], strict=True)
         ]
         return jnp.concatenate(parts)
@@ -247,6 +216,6 @@ def blocks_operator(blocks, params):
         flat.dtype,
         to_tree,
         from_tree,
-        eigenvalues=lambda: jnp.sort(jnp.concatenate([_block_eigenvalues(b) for b in block_list])),
-        trace=lambda: sum(_block_trace(b) for b in block_list),
+        eigenvalues=lambda: jnp.sort(jnp.concatenate([b.eigenvalues() for b in block_list])),
+        trace=lambda: sum(b.trace() for b in block_list),
     )
