@@ -358,6 +358,12 @@ class KroneckerBlock(CurvatureBlock):
 
         return self.from_canonical(jax.vmap(one)(self.a, self.b, canon, pi), jnp.shape(v))
 
+    def prior_root(self, std):
+        g, i, o = self.canonical_shape
+        dtype = self.a.dtype
+        eye = lambda n: jnp.broadcast_to(jnp.eye(n, dtype=dtype), (g, n, n))  # noqa: E731
+        return KroneckerRoot(eye(i), eye(o), jnp.full((g, i, o), std, dtype), self._index)
+
     def conform(self, block, leaf_shape):
         if block.kind != self.kind:
             raise ValueError(
@@ -624,7 +630,10 @@ class DiagonalBlock(CurvatureBlock):
 
     def damped_power(self, v, damping, power=-1.0, *, factored: bool = True):
         del factored
-        return v * _power(self.diagonal.reshape(jnp.shape(v)) + damping, power)
+        damped = self.diagonal.reshape(jnp.shape(v)) + damping
+        if isinstance(power, int | float) and power == -1:
+            return v / damped
+        return v * damped**power
 
     def damped_solve(self, v, damping, *, factored: bool = True):
         del factored

@@ -28,37 +28,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
-from curvjax._src.kronecker import DenseBlock, DiagonalBlock, KroneckerBlock
-
-_BLOCKS = (KroneckerBlock, DenseBlock, DiagonalBlock)
-
-
-class KroneckerRoot(NamedTuple):
-    """Square root of a Kronecker-factored posterior covariance, in the factors' eigenbases.
-
-    ``Σ^{1/2} vec(E) = vec(Q_A (E ⊙ std) Q_Bᵀ)`` per group ``g``, in the canonical layout.
-
-    Attributes:
-      a_vectors: ``[G, I, I]`` eigenvectors ``Q_A`` of the input-side factors.
-      b_vectors: ``[G, O, O]`` eigenvectors ``Q_B`` of the output-side factors.
-      std: ``[G, I, O]`` posterior standard deviations along the eigenvector pairs.
-    """
-
-    a_vectors: jax.Array
-    b_vectors: jax.Array
-    std: jax.Array
+from curvjax._src.blocks import DiagonalBlock
 
 
 class NoisyKfacState(NamedTuple):
     """State of :func:`noisy_kfac`; the posterior mean ``μ`` is ``params`` itself."""
 
     count: jax.Array  # [] int32: the number of updates done (t of eq. 6-14)
-    factors: Any  # params-shaped: per dense/conv kernel a KroneckerBlock (a [G, I, I], b [G, O, O],
-    # index [D] int32) holding the moving averages of eq. 9; per other float leaf a DiagonalBlock
+    factors: Any  # params-shaped: per dense/conv kernel a KroneckerBlock (a [G, I, I], b [G, O, O];
+    # static index) holding the moving averages of eq. 9; per other float leaf a DiagonalBlock
     # (diagonal shaped like the leaf); None for non-float leaves. Dtype of the parameters.
-    posterior: Any  # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot per kernel,
-    # a leaf-shaped array of standard deviations per other float leaf, None for non-float leaves
+    posterior: Any  # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot (a_vectors
+    # [G, I, I], b_vectors [G, O, O], std [G, I, O]) per kernel, a DiagonalRoot (std shaped like
+    # the leaf) per other float leaf, None for non-float leaves
     velocity: Any  # params-shaped: v of eq. 10 (zeros for non-float leaves)
 
 
@@ -67,7 +51,7 @@ def _is_float(x) -> bool:
 
 
 def _is_node(x) -> bool:
-    return x is None or isinstance(x, (*_BLOCKS, KroneckerRoot))
+    return x is None or blocks_lib.is_block(x)
 
 
 def _path_name(path) -> str:
@@ -93,80 +77,21 @@ def find_state(state) -> NoisyKfacState:
 # ---------------------------------------------------------------------------- per-leaf algebra
 
 
-def _to_canonical(leaf, index, shape):
-    flat = jnp.zeros(index.shape, leaf.dtype).at[index].set(leaf.reshape(-1))
-    return flat.reshape(shape)
-
-
-def _from_canonical(canon, index, leaf_shape):
-    return canon.reshape(-1)[index].reshape(leaf_shape)
-
-
-def _eigen(factor):
-    values, vectors = jnp.linalg.eigh(factor)
-    return jnp.clip(values, 0.0), vectors
-
-
-def _kronecker_scaling(a_values, b_values, damping, factored: bool):
-    """``[G, I, O]`` eigenvalues of the damped block ``F̂ + γ I`` in the basis ``Q_A ⊗ Q_B``."""
-    if not factored:
-        return a_values[:, :, None] * b_values[:, None, :] + damping
-    mean_a = jnp.mean(a_values, axis=-1)
-    mean_b = jnp.mean(b_values, axis=-1)
-    ok = (mean_a > 0) & (mean_b > 0)
-    pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, mean_a / jnp.where(ok, mean_b, 1.0), 1.0)), 1.0)
-    root = jnp.sqrt(damping)
-    damped_a = a_values + (pi * root)[:, None]
-    damped_b = b_values + (root / pi)[:, None]
-    return damped_a[:, :, None] * damped_b[:, None, :]
-
-
-def _kronecker_apply(a_vectors, b_vectors, canon_scaled):
-    """``Q_A X Q_Bᵀ`` per group."""
-    return jnp.einsum("gij,gjk,glk->gil", a_vectors, canon_scaled, b_vectors)
-
-
-def _kronecker_rotate(a_vectors, b_vectors, canon):
-    """``Q_Aᵀ X Q_B`` per group."""
-    return jnp.einsum("gji,gjk,gkl->gil", a_vectors, canon, b_vectors)
-
-
 def _posterior_and_direction(factor, grad, rho, damping, factored):
-    """``(Σ^{1/2}, (F̂ + γ I)⁻¹ g)`` of one leaf from its moving-averaged factor."""
-    if isinstance(factor, KroneckerBlock):
-        a_values, a_vectors = _eigen(factor.a)
-        b_values, b_vectors = _eigen(factor.b)
-        scaling = _kronecker_scaling(a_values, b_values, damping, factored)
-        shape = scaling.shape
-        canon = _to_canonical(grad, factor.index, shape)
-        solved = _kronecker_apply(
-            a_vectors, b_vectors, _kronecker_rotate(a_vectors, b_vectors, canon) / scaling
-        )
-        direction = _from_canonical(solved, factor.index, grad.shape)
-        return KroneckerRoot(a_vectors, b_vectors, rho / jnp.sqrt(scaling)), direction
-    damped = jnp.clip(factor.diagonal, 0.0) + damping
-    return rho / jnp.sqrt(damped), grad / damped
+    """``(Σ^{1/2}, (F̂ + γ I)⁻¹ g)`` of one leaf from its moving-averaged factor.
+
+    Negative eigenvalues of the factors (round-off) are set to zero first.
+    """
+    eig = factor.nonnegative()
+    root = eig.damped_inverse_sqrt(damping, factored=factored, scale=rho)
+    return root, eig.damped_power(grad, damping, -1.0, factored=factored)
 
 
 def _initial_posterior(factor, rho, damping):
     """``Σ^{1/2}`` for zero factors: ``ρ/√γ I`` under either damping split (π = 1)."""
     if factor is None:
         return None
-    std = rho / damping**0.5
-    if isinstance(factor, KroneckerBlock):
-        (g, i, _), o = factor.a.shape, factor.b.shape[-1]
-        eye = lambda n: jnp.broadcast_to(jnp.eye(n, dtype=factor.a.dtype), (g, n, n))  # noqa: E731
-        return KroneckerRoot(eye(i), eye(o), jnp.full((g, i, o), std, factor.a.dtype))
-    return jnp.full_like(factor.diagonal, std)
-
-
-def _leaf_noise(key, leaf, factor, root):
-    """One draw of ``Σ^{1/2} ε`` for a leaf, ``ε ~ N(0, I)``."""
-    if isinstance(root, KroneckerRoot):
-        eps = jax.random.normal(key, root.std.shape, root.std.dtype)
-        canon = _kronecker_apply(root.a_vectors, root.b_vectors, eps * root.std)
-        return _from_canonical(canon, factor.index, leaf.shape)
-    return jax.random.normal(key, leaf.shape, root.dtype) * root
+    return factor.prior_root(rho / damping**0.5)
 
 
 # ---------------------------------------------------------------------------- curvature inputs
@@ -190,8 +115,8 @@ def _structure(apply_fn, params, example_inputs):
     def zero(leaf, block):
         if not _is_float(leaf):
             return None
-        if isinstance(block, KroneckerBlock):
-            return KroneckerBlock(jnp.zeros_like(block.a), jnp.zeros_like(block.b), block.index)
+        if block.kind == "kronecker":
+            return jax.tree.map(jnp.zeros_like, block)
         return DiagonalBlock(jnp.zeros_like(leaf))
 
     return jax.tree.map(zero, params, blocks, is_leaf=_is_node)
@@ -202,39 +127,24 @@ def _mean_sample_axis(x, leaf_ndim: int):
 
 
 def _incoming_factor(path, leaf, factor, block):
-    """The incoming curvature of one leaf, averaged over a leading sample axis if it has one."""
+    """The incoming curvature of one leaf in the layout of its factor, averaged over samples."""
     name = _path_name(path)
     if factor is None:
         return None
     if block is None:
         raise ValueError(f"`curvature` has no block for the float leaf {name}.")
-    if isinstance(factor, KroneckerBlock):
-        if not isinstance(block, KroneckerBlock):
-            raise ValueError(
-                f"`curvature` holds a {type(block).__name__} for {name}, which `noisy_kfac` "
-                "treats as a Kronecker-factored kernel: pass the output of `curvjax.kfac` (or "
-                "`extract(..., ['kfac'])`) for the same `apply_fn`."
-            )
-        a = block.a if block.a.ndim == 3 else jnp.mean(block.a, axis=0)
-        b = block.b if block.b.ndim == 3 else jnp.mean(block.b, axis=0)
-        if a.shape != factor.a.shape or b.shape != factor.b.shape:
-            raise ValueError(
-                f"`curvature` for {name} has factors {a.shape} ⊗ {b.shape}, the optimizer was "
-                f"built for {factor.a.shape} ⊗ {factor.b.shape}: use the same `apply_fn`."
-            )
-        return KroneckerBlock(a, b, factor.index)
-    if isinstance(block, DenseBlock):
-        matrix = block.matrix
-        diagonal = jnp.diagonal(matrix, axis1=-2, axis2=-1)
-        if matrix.ndim == 3:
-            diagonal = jnp.mean(diagonal, axis=0)
-        return DiagonalBlock(diagonal.reshape(leaf.shape))
-    if isinstance(block, DiagonalBlock):
-        return DiagonalBlock(_mean_sample_axis(block.diagonal, leaf.ndim).reshape(leaf.shape))
-    raise ValueError(
-        f"`curvature` holds a {type(block).__name__} for {name}; expected a curvjax block "
-        "(the output of `curvjax.kfac`)."
-    )
+    if not blocks_lib.is_block(block):
+        raise ValueError(
+            f"`curvature` holds a {type(block).__name__} for {name}; expected a curvjax block "
+            "(the output of `curvjax.kfac`)."
+        )
+    try:
+        return factor.conform(block, leaf.shape)
+    except ValueError as err:
+        raise ValueError(
+            f"`curvature` for {name} {err}: pass the output of `curvjax.kfac` (or "
+            "`extract(..., ['kfac'])`) for the same `apply_fn`."
+        ) from None
 
 
 def _map_samples(fn, keys, sample_batch_size):
@@ -300,7 +210,7 @@ def noisy_kfac_sample(params, state, key, *, num_samples: int | None = None):
         k = next(keys)
         if factor is None:
             return leaf
-        return leaf + _leaf_noise(k, leaf, factor, root).astype(leaf.dtype)
+        return leaf + root.sample(k).reshape(leaf.shape).astype(leaf.dtype)
 
     factors = treedef.flatten_up_to(st.factors)
     roots = treedef.flatten_up_to(st.posterior)
@@ -401,7 +311,7 @@ def noisy_kfac(
     ``L`` is the mean loss over the batch, so ``ḡ`` and ``F̄`` are averages over samples and batch
     (eq. 7-8); ``A ⊗ B`` are the K-FAC factors of :func:`curvjax.kfac` (Fisher with labels sampled
     from the model, the ``B`` factor carrying the ``1/N`` of the mean), averaged over the samples
-    factor by factor as K-FAC averages over batches. The seed's ``β`` is ``1 - ema_decay``
+    factor by factor as K-FAC averages over batches. The paper's ``β`` is ``1 - ema_decay``
     (KFAC-VI's Table 1: ``β = 0.333``); ``β_t`` weighs the first ``1/β`` estimates equally, so that
     the zero initial factors do not bias ``F̂`` (Martens & Grosse 2015, §5). The
     update returned is ``-α_t v``; add it with ``optax.apply_updates``.
@@ -553,16 +463,9 @@ def noisy_kfac(
             incoming = _incoming_factor(path, leaf, factor, block)
             g = _mean_sample_axis(g, leaf.ndim).astype(leaf.dtype)
             b = beta.astype(leaf.dtype)
-            if isinstance(factor, KroneckerBlock):
-                factor = KroneckerBlock(
-                    (1 - b) * factor.a + b * incoming.a.astype(leaf.dtype),
-                    (1 - b) * factor.b + b * incoming.b.astype(leaf.dtype),
-                    factor.index,
-                )
-            else:
-                factor = DiagonalBlock(
-                    (1 - b) * factor.diagonal + b * incoming.diagonal.astype(leaf.dtype)
-                )
+            factor = jax.tree.map(
+                lambda old, new, b=b: (1 - b) * old + b * new.astype(old.dtype), factor, incoming
+            )
             root, direction = _posterior_and_direction(factor, g, rho, damping, factored_damping)
             v = direction + decay_coef.astype(leaf.dtype) * leaf + jnp.asarray(mom, leaf.dtype) * v
             new_factors.append(factor)
