@@ -26,6 +26,7 @@ import optax
 
 import curvjax
 import curvjax.spectral  # noqa: E402,F401  (``import curvjax`` does not import the submodule)
+from curvjax._src import blocks as blocks_lib
 
 # A quantity's compute function receives ``(apply_fn, params, batch)``; it is jitted by the demo.
 ComputeFn = Callable[[Callable, Any, tuple], Any]
@@ -200,23 +201,11 @@ def summarize_trace(diagonal: Any) -> str:
     return f"trace = {_total(diagonal):.4e}"
 
 
-def _is_block(x: Any) -> bool:
-    return isinstance(x, curvjax.KroneckerBlock | curvjax.DenseBlock | curvjax.DiagonalBlock)
-
-
 def summarize_blocks(blocks: Any) -> str:
-    """Trace of the block-diagonal approximation: tr(A) tr(B) for each Kronecker block."""
-    total, kron = 0.0, 0
-    for blk in jax.tree.leaves(blocks, is_leaf=_is_block):
-        if isinstance(blk, curvjax.KroneckerBlock):
-            kron += 1
-            a_trace = jnp.trace(blk.a, axis1=1, axis2=2)
-            b_trace = jnp.trace(blk.b, axis1=1, axis2=2)
-            total += float(jnp.sum(a_trace * b_trace))
-        elif isinstance(blk, curvjax.DenseBlock):
-            total += float(jnp.trace(blk.matrix))
-        else:
-            total += float(jnp.sum(blk.diagonal))
+    """Trace of the block-diagonal approximation (``tr A · tr B`` for each Kronecker block)."""
+    leaves = jax.tree.leaves(blocks, is_leaf=blocks_lib.is_block)
+    kron = sum(block.kind == "kronecker" for block in leaves)
+    total = sum(float(block.trace()) for block in leaves)
     return f"{kron} Kronecker blocks, trace = {total:.4e}"
 
 
