@@ -1,6 +1,6 @@
 """Second-order optimizers: step time against kfac-jax and optax SGD, steps to an accuracy target.
 
-Two measurements (issue 6, point 6):
+Two measurements:
 
 1. **Step time** on DeepOBS 3c3d (CIFAR-10 shapes, random data, ``N = 64``, float32): one
    training step of
@@ -39,7 +39,7 @@ worker through an ``.npz`` file, results come back as JSON. Create the environme
 
 Usage::
 
-    python benchmarks/optimizers.py                      # full run, writes benchmarks/optimizers.json
+    python benchmarks/optimizers.py                      # full run, writes benchmarks/results/
     python benchmarks/optimizers.py --smoke              # tiny sizes, no kfac-jax (CI; < 30 s)
     python benchmarks/optimizers.py --kfac-python /tmp/kfacenv/bin/python --repeats 3
     python benchmarks/optimizers.py --skip-kfac-jax --skip-digits
@@ -57,7 +57,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,9 @@ from typing import Any
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402  (sits beside this script; imports only the standard library)
+
 DEFAULT_KFAC_PYTHON = "/tmp/kfacenv/bin/python"
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -136,30 +138,6 @@ def time_blocks(runners: dict, repeats: int) -> dict[str, dict[str, Any]]:
         }
         for name, values in samples.items()
     }
-
-
-def environment(packages) -> dict[str, Any]:
-    import jax
-    import jaxlib
-
-    sys.path.insert(0, str(HERE))
-    from overhead import cpu_model, load_average
-
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "load_average": load_average(),
-    }
-    for package in packages:
-        try:
-            info[package] = getattr(__import__(package), "__version__", "installed")
-        except ImportError:
-            info[package] = None
-    return info
 
 
 class SgdRunner:
@@ -275,7 +253,7 @@ def kfac_jax_worker(npz_path: str, json_path: str, smoke: bool, repeats: int) ->
         runners[name] = KfacJaxRunner(model, params, batch, period, adaptive)
     print("kfac-jax worker: timing", file=sys.stderr, flush=True)
     results = time_blocks(runners, repeats)
-    out = {"results": results, "environment": environment(("kfac_jax", "flax", "optax", "numpy"))}
+    out = {"results": results, "environment": harness.environment(("kfac-jax",))}
     pathlib.Path(json_path).write_text(json.dumps(out, indent=1))
 
 
@@ -290,7 +268,7 @@ class CurvjaxKfacRunner:
         import optax
 
         import curvjax
-        from curvjax._src.optim.kfac import kfac, scale_by_kfac
+        from curvjax.optim import kfac, scale_by_kfac
 
         apply_fn, x = model.apply, batch[0]
         if adaptive:
@@ -388,7 +366,7 @@ def time_to_accuracy(args) -> dict[str, Any]:
     import optax
 
     import curvjax
-    from curvjax._src.optim.kfac import kfac
+    from curvjax.optim import kfac
 
     class SmallCNN(nn.Module):
         @nn.compact
@@ -556,7 +534,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=None, help="default 600; 10 (smoke)")
     parser.add_argument("--adam-lrs", type=float, nargs="+", default=None)
     parser.add_argument("--kfac-dampings", type=float, nargs="+", default=None)
-    parser.add_argument("--json", default=None, help="output (default benchmarks/optimizers.json)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="output (default benchmarks/results/optimizers-<machine>.json; none with --smoke)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="no effect (no torch here)")
     parser.add_argument("--kfac-jax-worker", nargs=2, metavar=("NPZ", "JSON"), default=None)
     args = parser.parse_args(argv)
@@ -570,36 +552,46 @@ def parse_args(argv=None):
         args.kfac_dampings = [1e-2] if args.smoke else [1e-3, 1e-2, 1e-1]
     if args.kfac_python is None and not args.smoke:
         args.kfac_python = os.environ.get("KFAC_JAX_PYTHON", DEFAULT_KFAC_PYTHON)
-    if args.json is None and not args.smoke:
-        args.json = str(HERE / "optimizers.json")
     return args
 
 
 def main(argv=None) -> int:
+    """Run the experiment; print the tables; write the JSON file."""
     args = parse_args(argv)
     if args.kfac_jax_worker:
         kfac_jax_worker(*args.kfac_jax_worker, smoke=args.smoke, repeats=args.repeats)
         return 0
+    harness.fast_compile_for_smoke(args.smoke)
+    env = harness.environment(("scikit-learn", "kfac-jax"))
     report: dict[str, Any] = {
-        "environment": environment(("curvjax", "flax", "optax", "numpy", "sklearn")),
+        "experiment": "optimizers",
+        "title": "second-order optimizers against kfac-jax and Adam",
+        "command": "python benchmarks/optimizers.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k != "kfac_jax_worker"},
+        "failed_checks": [],
     }
+    tables = []
     if not args.skip_steps:
         report["steps"] = step_times(args)
-        print(step_table(report["steps"]), flush=True)
+        tables.append(step_table(report["steps"]))
+        print(tables[-1], flush=True)
         print()
     if not args.skip_digits:
         report["digits"] = time_to_accuracy(args)
-        print(digits_table(report["digits"]))
-    from overhead import load_average  # (environment() put this folder on the path)
-
-    report["settings"]["load_average_at_end"] = load_average()
+        tables.append(digits_table(report["digits"]))
+        print(tables[-1])
+    # The tables as printed, for report.py (their layout depends on what was run).
+    report["markdown"] = "\n\n".join(tables)
+    harness.finish_environment(env)
     print(
-        f"\nload average (1 min) at start {report['environment']['load_average']}, "
-        f"at end {report['settings']['load_average_at_end']}"
+        f"\nload average at start {env['load_average_at_start']}, "
+        f"at end {env['load_average_at_end']}"
     )
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.json is not None or not args.smoke:
+        path = None if args.json is None else pathlib.Path(args.json)
+        print(f"wrote {harness.write_results(report, path)}")
     return 0
 
 

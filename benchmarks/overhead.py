@@ -33,10 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 import warnings
@@ -54,7 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # An installed curvjax comes first; otherwise the checkout this script lies in.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-import models  # noqa: E402  (sits beside this script)
+import harness  # noqa: E402  (sits beside this script)
+import models  # noqa: E402
+import report  # noqa: E402
+from harness import RELATIVE_TOLERANCE, mean_cross_entropy, relative_error  # noqa: E402
 
 #: The first-order quantities, in table order; "all" is ``extract`` with all four at once.
 QUANTITIES = ("per_example_grads", "batch_l2", "sum_grad_squared", "variance")
@@ -67,9 +66,6 @@ BACKPACK_EXTENSIONS = {
     "sum_grad_squared": "SumGradSquared",
     "variance": "Variance",
 }
-
-#: Largest allowed ``max |value - reference| / max |reference|`` over the leaves of a quantity.
-RELATIVE_TOLERANCE = 1e-4
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +142,6 @@ def make_problems(
 # --------------------------------------------------------------------------------------------
 # JAX side: the functions to time
 # --------------------------------------------------------------------------------------------
-
-
-def mean_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``L = (1/N) sum_n -log softmax(f_n)[y_n]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def vmap_per_example_grads(apply_fn: Callable, params, batch):
@@ -231,97 +222,21 @@ def jax_functions(problem: Problem, vmap_rows: bool = True) -> dict[str, Callabl
     return functions
 
 
-def xla_costs(compiled) -> dict[str, float | None]:
-    """Flops and memory sizes that XLA reports for a compiled function."""
-    costs: dict[str, float | None] = {"flops": None, "temp_bytes": None, "output_bytes": None}
-    try:
-        analysis = compiled.cost_analysis()
-        if isinstance(analysis, list | tuple):  # older jax: one dict per computation
-            analysis = analysis[0] if analysis else None
-        if analysis and "flops" in analysis:
-            costs["flops"] = float(analysis["flops"])
-    except Exception:  # cost analysis is best effort on some backends
-        pass
-    try:
-        memory = compiled.memory_analysis()
-        if memory is not None:
-            costs["temp_bytes"] = float(memory.temp_size_in_bytes)
-            costs["output_bytes"] = float(memory.output_size_in_bytes)
-    except Exception:
-        pass
-    return costs
-
-
-#: Functions faster than this (seconds, in the last warm-up round) are called once untimed right
-#: before each timed call.
-REWARM_BELOW_SECONDS = 0.1
-
-
-def time_round_robin(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int):
-    """Median wall time in seconds of each zero-argument call, measured round-robin.
-
-    After ``warmup`` untimed rounds (at least one), each of ``repeats`` rounds times one call of
-    every function. A fast function (below :data:`REWARM_BELOW_SECONDS`) is called once untimed
-    right before its timed call, so that it finds the caches as a loop calling it would: a
-    function that writes hundreds of MiB of per-example gradients otherwise slows down whichever
-    cheap function comes next. Slow functions are not affected by that and skip the extra call.
-
-    Returns:
-        ``(medians, samples)``: name -> median seconds, name -> all timed samples.
-    """
-    last_warmup = {}
-    for _ in range(max(warmup, 1)):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            last_warmup[name] = time.perf_counter() - start
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            if last_warmup[name] < REWARM_BELOW_SECONDS:
-                call()
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}, samples
-
-
-def _timed(calls, repeats: int, warmup: int):
-    """:func:`time_round_robin`, and the seconds the whole timing took."""
-    start = time.perf_counter()
-    medians, samples = time_round_robin(calls, repeats, warmup)
-    return medians, samples, time.perf_counter() - start
-
-
-def relative_error(value, reference) -> float:
-    """``max over leaves of max |value - reference| / max |reference|``."""
-    errors = []
-    for a, b in zip(
-        jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(reference), strict=True
-    ):
-        a = np.asarray(a, np.float64)
-        b = np.asarray(b, np.float64)
-        if a.shape != b.shape:
-            return float("inf")
-        scale = max(np.max(np.abs(b)), np.finfo(np.float32).tiny)
-        errors.append(float(np.max(np.abs(a - b)) / scale))
-    return max(errors)
-
-
 def run_jax(problem: Problem, repeats: int, warmup: int, vmap_rows: bool) -> dict[str, Any]:
     """Compile, check and time every JAX function of ``problem``."""
     params = problem.variables
     batch = (problem.inputs, problem.targets)
     functions = jax_functions(problem, vmap_rows)
-    compiled, costs, compile_seconds = {}, {}, {}
+    compiled, costs, compile_seconds, first_call_seconds, outputs = {}, {}, {}, {}, {}
     for name, function in functions.items():
-        start = time.perf_counter()
-        compiled[name] = jax.jit(function).lower(params, batch).compile()
-        compile_seconds[name] = time.perf_counter() - start
-        costs[name] = xla_costs(compiled[name])
+        result = harness.compile_and_first_call(function, params, batch)
+        compiled[name] = result.fn
+        compile_seconds[name] = result.compile_seconds
+        first_call_seconds[name] = result.first_call_seconds
+        costs[name] = result.costs
+        outputs[name] = result.output
 
-    # Correctness: curvjax against vmap(grad) and jax.grad, one call each.
-    outputs = {name: jax.block_until_ready(fn(params, batch)) for name, fn in compiled.items()}
+    # Correctness: curvjax against vmap(grad) and jax.grad, from the first calls.
     errors = {}
     reference_grad = outputs["jax.grad"]
     reference = outputs[f"vmap:{ALL}"]
@@ -347,31 +262,17 @@ def run_jax(problem: Problem, repeats: int, warmup: int, vmap_rows: bool) -> dic
         name: (lambda fn=fn: jax.block_until_ready(fn(params, batch)))
         for name, fn in compiled.items()
     }
-    medians, samples, timing_seconds = _timed(calls, repeats, warmup)
+    timing = harness.time_round_robin(calls, repeats, warmup)
     return {
-        "seconds": medians,
-        "samples": samples,
+        "seconds": timing.medians,
+        "samples": timing.samples,
         "compile_seconds": compile_seconds,
-        "timing_seconds": timing_seconds,
+        "first_call_seconds": first_call_seconds,
+        "timing_seconds": timing.total,
         "xla": costs,
         "relative_errors": errors,
         "reference": reference,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# torch / BackPACK side
-# --------------------------------------------------------------------------------------------
-
-
-def torch_available() -> bool:
-    """Whether torch and BackPACK can be imported."""
-    try:
-        import backpack  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_backpack(
@@ -386,29 +287,35 @@ def run_backpack(
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     torch.set_num_threads(threads)
+    device = harness.torch_device()
     plain = models.torch_sequential_from_flax(problem.model, problem.variables, problem.input_shape)
+    plain = plain.to(device)
     extended = backpack.extend(copy.deepcopy(plain))
     plain_loss = torch.nn.CrossEntropyLoss()
     extended_loss = backpack.extend(torch.nn.CrossEntropyLoss())
     inputs = np.asarray(problem.inputs)
     if problem.nchw:
         inputs = inputs.transpose(0, 3, 1, 2)
-    inputs = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C"))
-    targets = torch.from_numpy(np.asarray(problem.targets, dtype=np.int64))
+    inputs = torch.from_numpy(np.array(inputs, dtype=np.float32, order="C")).to(device)
+    targets = torch.from_numpy(np.asarray(problem.targets, dtype=np.int64)).to(device)
 
     # Same function, same weights: the losses and gradients must agree with JAX's.
     jax_loss = float(
         mean_cross_entropy(problem.apply_fn(problem.variables, problem.inputs), problem.targets)
     )
+    first_call = {}
+    begin = time.perf_counter()
     plain.zero_grad(set_to_none=True)
     loss = plain_loss(plain(inputs), targets)
     loss.backward()
+    harness.torch_sync()
+    first_call["backward"] = time.perf_counter() - begin
     loss_error = abs(loss.item() - jax_loss) / abs(jax_loss)
     jax_grad = jax.grad(
         lambda p: mean_cross_entropy(problem.apply_fn(p, problem.inputs), problem.targets)
     )(problem.variables)
     expected = models.to_torch_layout(problem.model, jax_grad["params"], problem.input_shape)
-    grad_error = relative_error([p.grad.numpy() for p in plain.parameters()], expected)
+    grad_error = relative_error([p.grad.cpu().numpy() for p in plain.parameters()], expected)
     if loss_error > RELATIVE_TOLERANCE or grad_error > RELATIVE_TOLERANCE:
         raise AssertionError(
             f"{problem.name}: the torch twin does not match the flax model "
@@ -424,6 +331,7 @@ def run_backpack(
                 value.backward()
         else:
             value.backward()
+        harness.torch_sync()
 
     ext = {name: getattr(extensions, cls) for name, cls in BACKPACK_EXTENSIONS.items()}
     calls = {"backward": lambda: backward(plain, plain_loss)}
@@ -432,7 +340,7 @@ def run_backpack(
     calls[ALL] = lambda: backward(extended, extended_loss, *ext.values())
 
     # BackPACK's quantities against the vmap(grad) reference, after one pass with all four.
-    calls[ALL]()
+    _, first_call[ALL] = harness.timed_call(calls[ALL])
     attributes = {
         "per_example_grads": ("grad_batch", 1),
         "batch_l2": ("batch_l2", 1),
@@ -444,17 +352,22 @@ def run_backpack(
         expected = models.to_torch_layout(
             problem.model, reference[name]["params"], problem.input_shape, lead=lead
         )
-        values = [getattr(p, attribute).numpy() for p in extended.parameters()]
+        values = [getattr(p, attribute).cpu().numpy() for p in extended.parameters()]
         errors[name] = relative_error(values, expected)
     extended.zero_grad(set_to_none=True)
 
-    medians, samples, timing_seconds = _timed(calls, repeats, warmup)
+    timing = harness.time_round_robin(calls, repeats, warmup)
+    # The very first call of each function in this run: the checks above made the first calls of
+    # the plain backward pass and of all four together, the round-robin's warm-up the others'.
+    first_call = {**timing.first, **first_call}
     return {
-        "seconds": medians,
-        "samples": samples,
-        "timing_seconds": timing_seconds,
+        "seconds": timing.medians,
+        "samples": timing.samples,
+        "first_call_seconds": first_call,
+        "timing_seconds": timing.total,
         "relative_errors": errors,
         "threads": torch.get_num_threads(),
+        "device": device,
     }
 
 
@@ -463,77 +376,14 @@ def run_backpack(
 # --------------------------------------------------------------------------------------------
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (what XLA's CPU thread pool uses)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def environment() -> dict[str, Any]:
-    """Versions, CPU model, core count and platform."""
-    import jaxlib
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(device) for device in jax.devices()],
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # Other processes on the machine distort the timings; the 1-minute load average at the
-        # start (and, in "settings", at the end) of the run tells whether there were any.
-        "load_average_at_start": load_average(),
-    }
-    for package in ("flax", "optax", "numpy", "curvjax", "torch", "backpack"):
-        try:
-            module = __import__(package)
-            info[package] = getattr(module, "__version__", "installed")
-        except ImportError:
-            info[package] = None
-    if info["backpack"] == "installed":
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            info["backpack"] = version("backpack-for-pytorch")
-        except PackageNotFoundError:
-            pass
-    return info
-
-
 def _ratio(numerator, denominator) -> float | None:
     if numerator is None or denominator in (None, 0):
         return None
     return numerator / denominator
 
 
-def _fmt(value, digits: int = 2, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+def _at_most(ours, theirs) -> bool | None:
+    return None if ours is None or theirs is None else bool(ours <= theirs)
 
 
 def summarise(problem: Problem, jax_result: dict, torch_result: dict | None) -> dict[str, Any]:
@@ -565,6 +415,10 @@ def summarise(problem: Problem, jax_result: dict, torch_result: dict | None) -> 
             "curvjax_temp_bytes": curv_xla.get("temp_bytes"),
             "vmap_temp_bytes": vmap_xla.get("temp_bytes"),
             "curvjax_relative_error": jax_result["relative_errors"].get(curv_key),
+            "curvjax_compile_seconds": jax_result["compile_seconds"].get(curv_key),
+            "curvjax_first_call_seconds": jax_result["first_call_seconds"].get(curv_key),
+            "vmap_compile_seconds": jax_result["compile_seconds"].get(vmap_key),
+            "vmap_first_call_seconds": jax_result["first_call_seconds"].get(vmap_key),
             # The same ratios from the fastest call instead of the median: background load only
             # ever adds time, so these are the more robust numbers on a busy machine.
             "curvjax_over_jax_grad_min": _ratio(fastest.get(curv_key), fastest["jax.grad"]),
@@ -585,6 +439,10 @@ def summarise(problem: Problem, jax_result: dict, torch_result: dict | None) -> 
             row["backpack_relative_error"] = torch_result["relative_errors"].get(
                 "grad" if name == "grad" else name
             )
+            row["backpack_first_call_seconds"] = torch_result["first_call_seconds"].get(torch_key)
+            row["first_call_at_most_backpack"] = _at_most(
+                row["curvjax_first_call_seconds"], row["backpack_first_call_seconds"]
+            )
         rows[name] = row
     return {
         "model": problem.name,
@@ -597,57 +455,6 @@ def summarise(problem: Problem, jax_result: dict, torch_result: dict | None) -> 
         "jax": {k: v for k, v in jax_result.items() if k != "reference"},
         "backpack": torch_result,
     }
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
-    """One markdown table of ratios for one problem."""
-    has_torch = summary["backpack"] is not None
-    mib = 2.0**20
-    lines = [
-        f"### {summary['model']}: {summary['num_params']:,} parameters, "
-        f"N = {summary['batch_size']}",
-        "",
-        f"jax.grad: {summary['jax_grad_seconds'] * 1e3:.2f} ms, "
-        f"{_fmt(_ratio(summary['jax_grad_flops'], 1e9), 3)} GFLOP, "
-        f"temp {_fmt(_ratio(summary['jax_grad_temp_bytes'], mib), 1)} MiB"
-        + (
-            f"; torch backward: {summary['backpack']['seconds']['backward'] * 1e3:.2f} ms "
-            f"({summary['backpack']['threads']} threads)"
-            if has_torch
-            else ""
-        ),
-        "",
-    ]
-    header = [
-        "quantity",
-        "curvjax ms",
-        "× curvjax.grad",
-        "× jax.grad",
-        "vmap(grad) × jax.grad",
-        "flops × grad (curvjax / vmap)",
-        "temp MiB (curvjax / vmap)",
-    ]
-    if has_torch:
-        header.append("BackPACK × backward")
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    labels = {"grad": "grad", ALL: "extract (all four)"}
-    for name, row in summary["rows"].items():
-        seconds = row["curvjax_seconds"]
-        cells = [
-            labels.get(name, name),
-            _fmt(None if seconds is None else seconds * 1e3, 2),
-            _fmt(row["curvjax_over_curvjax_grad"]),
-            _fmt(row["curvjax_over_jax_grad"]),
-            _fmt(row["vmap_over_jax_grad"]),
-            f"{_fmt(row['curvjax_flops_over_jax_grad'])} / {_fmt(row['vmap_flops_over_jax_grad'])}",
-            f"{_fmt(_ratio(row['curvjax_temp_bytes'], mib), 1)} / "
-            f"{_fmt(_ratio(row['vmap_temp_bytes'], mib), 1)}",
-        ]
-        if has_torch:
-            cells.append(_fmt(row.get("backpack_over_backward")))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def failed_checks(summaries: list[dict[str, Any]]) -> list[str]:
@@ -681,7 +488,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--json",
         type=Path,
         default=None,
-        help="where to write the results (default benchmarks/overhead.json; none with --smoke)",
+        help="where to write the results (default benchmarks/results/overhead-<machine>.json, none with --smoke); the second-order part goes to the same name with the suffix .curvature.json",
     )
     parser.add_argument(
         "--models",
@@ -713,31 +520,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.warmup = 1 if args.smoke else 2
     if args.batch_size is None:
         args.batch_size = 4 if args.smoke else 64
-    if args.json is None and not args.smoke:
-        args.json = Path(__file__).resolve().parent / "overhead.json"
     if args.threads is None and args.smoke:
         args.threads = 1  # no thread contention on a busy CI machine; timings mean nothing
     if args.threads is None:
-        args.threads = usable_cores()
+        args.threads = harness.usable_cores()
     return args
 
 
 def main(argv=None) -> int:
-    """Run the benchmark; print the tables; write the JSON file; 1 if a check failed."""
+    """Run the benchmark; print the tables; write the JSON file(s); 1 if a check failed."""
     args = parse_args(argv)
     start = time.perf_counter()
-    if args.smoke and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        # Compilation dominates a smoke run and its timings mean nothing: compile cheaply. The
-        # flag is read when the backend starts, which has not happened yet.
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
-    env = environment()
-    use_torch = not args.no_torch and torch_available()
+    harness.fast_compile_for_smoke(args.smoke)
+    env = harness.environment()
+    use_torch = not args.no_torch and harness.torch_available()
     print(
-        f"jax {env['jax']} ({env['jax_backend']}), curvjax {env['curvjax']}, "
-        f"torch {env['torch']}, BackPACK {env['backpack']}; {env['cpu_model']}, "
-        f"{env['usable_cores']} cores, torch threads {args.threads}; "
-        f"repeats {args.repeats}, warm-up {args.warmup}"
+        f"jax {env['jax']} ({env['jax_backend']}, {env['device_kind']}), curvjax "
+        f"{env['curvjax']}, torch {env['torch']}, BackPACK {env['backpack-for-pytorch']}; "
+        f"{env['cpu_model']}, {env['usable_cores']} cores, torch threads {args.threads}; "
+        f"repeats {args.repeats}, warm-up {args.warmup}; load average "
+        f"{env['load_average_at_start']}"
     )
     if not use_torch:
         print(
@@ -756,35 +558,21 @@ def main(argv=None) -> int:
             torch_result = run_backpack(problem, reference, args.threads, args.repeats, args.warmup)
         summary = summarise(problem, jax_result, torch_result)
         summaries.append(summary)
-        print(markdown_table(summary), flush=True)
+        print(report.overhead_table(summary), flush=True)
         print(
             f"(compiling {sum(jax_result['compile_seconds'].values()):.1f} s, "
             f"timing JAX {jax_result['timing_seconds']:.1f} s"
             + (f", torch {torch_result['timing_seconds']:.1f} s)" if torch_result else ")"),
             flush=True,
         )
-    second_order = None
-    if args.part != "first":
-        import curvature  # noqa: PLC0415  (sits beside this script; imports this module)
-
-        print("\nsecond-order quantities (curvature.py)", flush=True)
-        second_order = curvature.run_all(
-            args.smoke, args.repeats, args.batch_size, usable_cores(), use_torch
-        )
-    missing = [
-        name
-        for name in ("grad", *QUANTITIES, "extract")
-        if env["curvjax"] is None or not hasattr(sys.modules.get("curvjax"), name)
-    ]
-    if missing:
-        print(f"\nnot measured (missing from curvjax): {', '.join(missing)}")
     failures = failed_checks(summaries)
-    for failure in failures:
-        print(f"CHECK FAILED: {failure}", file=sys.stderr)
-    if args.json is not None:
+    if args.part != "second":
         document = {
-            "benchmark": "first-order overhead (BackPACK Fig. 6)",
-            "environment": env,
+            "experiment": "overhead",
+            "title": "first-order overhead (BackPACK Fig. 6)",
+            "command": "python benchmarks/overhead.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
+            "environment": harness.finish_environment(env),
             "settings": {
                 "smoke": args.smoke,
                 "repeats": args.repeats,
@@ -793,18 +581,29 @@ def main(argv=None) -> int:
                 "models": list(args.models),
                 "torch_threads": args.threads if use_torch else None,
                 "relative_tolerance": RELATIVE_TOLERANCE,
-                "load_average_at_end": load_average(),
             },
             "results": summaries,
-            "second_order": second_order,
             "failed_checks": failures,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(document, indent=2, default=float) + "\n")
-        print(f"\nwrote {args.json}")
+        if args.json is not None or not args.smoke:
+            print(f"\nwrote {harness.write_results(document, args.json)}")
+    if args.part != "first":
+        # The second-order experiment, through the harness: curvature.py imports no script.
+        import curvature  # noqa: PLC0415  (sits beside this script)
+
+        print("\nsecond-order quantities (curvature.py)", flush=True)
+        document = curvature.run(
+            args.smoke, args.repeats, args.warmup, args.batch_size, args.threads, use_torch
+        )
+        failures += document["failed_checks"]
+        if args.json is not None or not args.smoke:
+            path = None if args.json is None else args.json.with_suffix(".curvature.json")
+            print(f"\nwrote {harness.write_results(document, path)}")
+    for failure in failures:
+        print(f"CHECK FAILED: {failure}", file=sys.stderr)
     print(
         f"total {time.perf_counter() - start:.1f} s; load average "
-        f"{_fmt(env['load_average_at_start'])} at the start, {_fmt(load_average())} at the end "
+        f"{env['load_average_at_start']} at the start, {harness.load_average()} at the end "
         "(much above 0 means that other processes ran and distorted the times)"
     )
     return 1 if failures else 0

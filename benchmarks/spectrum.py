@@ -38,7 +38,7 @@ two-core machine their time varied from 1 to 70 ms per product; XLA keeps its de
 
 Usage::
 
-    python benchmarks/spectrum.py                   # full size, writes benchmarks/spectrum.json
+    python benchmarks/spectrum.py                   # full size, writes benchmarks/results/
     python benchmarks/spectrum.py --smoke           # tiny model, every code path, < 30 s (CI)
     python benchmarks/spectrum.py --seeds 5 --json /tmp/spectrum.json
     python benchmarks/spectrum.py --no-torch        # curvjax only
@@ -63,8 +63,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import sys
 import time
@@ -82,6 +80,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import harness  # noqa: E402  (sits beside this script)
 
 import curvjax  # noqa: E402
 from curvjax import spectral  # noqa: E402
@@ -676,56 +676,16 @@ def density_table(rows) -> str:
     return markdown_table(header, out)
 
 
-def _uptime() -> str | None:
-    """The 1, 5 and 15-minute load averages, as ``uptime`` prints them."""
-    try:
-        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (AttributeError, OSError):
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """Versions, CPU model, cores, platform and load."""
-    import jaxlib
-
-    cpu_model = None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "jax_backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "loadavg_at_start": _uptime(),
-    }
-    from importlib.metadata import PackageNotFoundError, version
-
-    for package in ("flax", "optax", "numpy", "torch", "PyHessian"):
-        try:
-            info[package.lower()] = version(package)
-        except PackageNotFoundError:
-            info[package.lower()] = None
-    return info
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, every code path (CI)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per comparison")
-    parser.add_argument("--json", type=Path, default=None, help="output (default: spectrum.json)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="output (default benchmarks/results/spectrum-<machine>.json; none with --smoke)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip PyHessian")
     parser.add_argument(
         "--torch-threads",
@@ -743,10 +703,12 @@ def main(argv=None) -> int:
     settings = dict(SMOKE if args.smoke else FULL)
     if args.seeds is not None:
         settings["seeds"] = settings["trace_seeds"] = args.seeds
-    env = environment()
+    env = harness.environment(("pyhessian",))
+    env["openblas_num_threads"] = os.environ.get("OPENBLAS_NUM_THREADS")
     print(f"# Hessian spectrum benchmark ({'smoke' if args.smoke else 'full'})")
     print(
-        f"CPU: {env['cpu_model']}, {env['usable_cores']} usable cores; load average {env['loadavg_at_start']}"
+        f"CPU: {env['cpu_model']}, {env['usable_cores']} usable cores; load average "
+        f"{env['load_average_at_start']}"
     )
 
     apply_fn, params, batch = make_problem(
@@ -803,26 +765,30 @@ def main(argv=None) -> int:
     if lanczos_error > 1e-6:
         failures.append(f"Lanczos top-10 relative error {lanczos_error:.1e} > 1e-6")
 
-    print("\n## Top-10 eigenvalues\n")
-    print(eigen_table(eig_results))
-    print("\n## Trace\n")
-    print(trace_table(trace_results, settings["budgets"]))
-    print("\n## Spectral density\n")
-    print(density_table(density_rows))
-    env["loadavg_at_end"] = _uptime()
+    tables = "\n\n".join(
+        [
+            "#### Top-10 eigenvalues",
+            eigen_table(eig_results),
+            "#### Trace",
+            trace_table(trace_results, settings["budgets"]),
+            "#### Spectral density",
+            density_table(density_rows),
+        ]
+    )
+    print("\n" + tables)
+    harness.finish_environment(env)
     total = time.perf_counter() - started
     print(
-        f"\nload average at start {env['loadavg_at_start']}; at end {env['loadavg_at_end']}; "
-        f"total {total:.0f} s"
+        f"\nload average at start {env['load_average_at_start']}; at end "
+        f"{env['load_average_at_end']}; total {total:.0f} s"
     )
 
-    path = (
-        args.json
-        if args.json is not None
-        else (None if args.smoke else Path(__file__).with_name("spectrum.json"))
-    )
-    if path is not None:
+    if args.json is not None or not args.smoke:
         payload = {
+            "experiment": "spectrum",
+            "title": "Hessian spectra against PyHessian",
+            "command": "python benchmarks/spectrum.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
             "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
             "environment": env,
             "problem": {
@@ -837,9 +803,11 @@ def main(argv=None) -> int:
             "trace": trace_raw,
             "density": density_raw,
             "total_seconds": total,
+            "failed_checks": failures,
+            # The tables as printed, for report.py.
+            "markdown": tables,
         }
-        path.write_text(json.dumps(payload, indent=1, default=float))
-        print(f"wrote {path}")
+        print(f"wrote {harness.write_results(payload, args.json)}")
     for failure in failures:
         print(f"CHECK FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

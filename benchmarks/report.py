@@ -1,0 +1,316 @@
+"""Write ``benchmarks/RESULTS.md`` from the JSON files under ``benchmarks/results/``.
+
+Usage::
+
+    python benchmarks/report.py                 # rewrites benchmarks/RESULTS.md
+    python benchmarks/report.py --check         # exit 1 if RESULTS.md is not up to date
+    python benchmarks/report.py --results DIR --output FILE
+
+For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``) it writes one
+current table per machine (``results/<experiment>-<machine>.json``: the newest run on that
+machine, CPU or GPU) with the machine described. Older runs are only in the changelog at the end:
+the files ``results/history/*.json`` (where ``harness.write_results`` moves a result it replaces),
+newest first, then ``results/CHANGELOG.md`` verbatim (tables written by hand before the results
+were kept as JSON).
+
+The experiment scripts use :func:`overhead_table` and :func:`curvature_table` to print their
+tables. This module imports no other benchmark script and needs neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+#: Experiments in the order of RESULTS.md: (name, heading).
+EXPERIMENTS = (
+    ("overhead", "First-order overhead (`overhead.py`), BackPACK Fig. 6 setting"),
+    ("curvature", "Second-order overhead (`curvature.py`), BackPACK Fig. 6 (right) and Fig. 9"),
+    ("spectrum", "Hessian spectra against PyHessian (`spectrum.py`)"),
+    ("optimizers", "Second-order optimizers against kfac-jax and Adam (`optimizers.py`)"),
+)
+
+MIB = 2.0**20
+
+
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator in (None, 0):
+        return None
+    return numerator / denominator
+
+
+def _fmt(value, digits: int = 2, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _yes_no(value) -> str:
+    return "—" if value is None else ("yes" if value else "**no**")
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def overhead_table(summary: dict[str, Any]) -> str:
+    """One markdown table of the first-order ratios of one model."""
+    backpack = summary.get("backpack")
+    lines = [
+        f"#### {summary['model']}: {summary['num_params']:,} parameters, "
+        f"N = {summary['batch_size']}",
+        "",
+        f"jax.grad: {summary['jax_grad_seconds'] * 1e3:.2f} ms, "
+        f"{_fmt(_ratio(summary['jax_grad_flops'], 1e9), 3)} GFLOP, "
+        f"temp {_fmt(_ratio(summary['jax_grad_temp_bytes'], MIB), 1)} MiB"
+        + (
+            f"; torch backward: {backpack['seconds']['backward'] * 1e3:.2f} ms "
+            f"({backpack.get('device', 'cpu')}, {backpack['threads']} threads)"
+            if backpack
+            else ""
+        ),
+        "",
+    ]
+    header = [
+        "quantity",
+        "curvjax ms",
+        "× curvjax.grad",
+        "× jax.grad",
+        "vmap(grad) × jax.grad",
+        "flops × grad (curvjax / vmap)",
+        "temp MiB (curvjax / vmap)",
+        "compile s",
+        "first call s",
+    ]
+    if backpack:
+        header += ["BackPACK × backward", "BackPACK first call s", "first call ≤ BackPACK"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    labels = {"grad": "grad", "all": "extract (all four)"}
+    for name, row in summary["rows"].items():
+        seconds = row["curvjax_seconds"]
+        cells = [
+            labels.get(name, name),
+            _fmt(None if seconds is None else seconds * 1e3, 2),
+            _fmt(row["curvjax_over_curvjax_grad"]),
+            _fmt(row["curvjax_over_jax_grad"]),
+            _fmt(row["vmap_over_jax_grad"]),
+            f"{_fmt(row['curvjax_flops_over_jax_grad'])} / {_fmt(row['vmap_flops_over_jax_grad'])}",
+            f"{_fmt(_ratio(row['curvjax_temp_bytes'], MIB), 1)} / "
+            f"{_fmt(_ratio(row['vmap_temp_bytes'], MIB), 1)}",
+            _fmt(row.get("curvjax_compile_seconds")),
+            _fmt(row.get("curvjax_first_call_seconds")),
+        ]
+        if backpack:
+            cells += [
+                _fmt(row.get("backpack_over_backward")),
+                _fmt(row.get("backpack_first_call_seconds")),
+                _yes_no(row.get("first_call_at_most_backpack")),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: Speed targets, as ratios to the gradient (absolute) or to BackPACK's ratio (relative).
+TARGETS = {
+    "ggn_diag_mc": ("abs", 1.5),
+    "kfac": ("abs", 1.5),
+    "hvp": ("abs", 3.0),
+    "ggn_diag": ("backpack", 0.5),
+    "kflr": ("backpack", 0.5),
+}
+
+
+def _target_text(q, ratio, bp_ratio) -> str:
+    kind, value = TARGETS.get(q, (None, None))
+    if kind == "abs":
+        return f"≤ {value:g}× grad: {'met' if ratio <= value else 'MISSED'}"
+    if kind == "backpack" and bp_ratio is not None:
+        bound = value * bp_ratio
+        return f"≤ {bound:.2f}× (half BackPACK's): {'met' if ratio <= bound else 'MISSED'}"
+    return ""
+
+
+def curvature_table(results: list[dict[str, Any]]) -> str:
+    """One markdown table of the second-order ratios of the given problems."""
+    lines = [
+        "| model | quantity | curvjax ms | × jax.grad | × curvjax.grad | GFLOP | temp MiB | "
+        "compile s | first call s | BackPACK ms | BackPACK × its backward | "
+        "BackPACK first call s | first call ≤ BackPACK | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        grad_seconds = r["jax"]["grad"]["seconds"]
+        own_seconds = r["jax"]["curvjax.grad"]["seconds"]
+        for q, v in r["jax"].items():
+            bp = r.get("backpack", {}).get(q)
+            flops, mem = v.get("flops"), v.get("temp_bytes")
+            ratio = v["seconds"] / grad_seconds
+            first, bp_first = (
+                v.get("first_call_seconds"),
+                None if bp is None else bp.get("first_call_seconds"),
+            )
+            cells = [
+                r["model"],
+                q,
+                f"{1e3 * v['seconds']:.1f}",
+                f"{ratio:.2f}",
+                f"{v['seconds'] / own_seconds:.2f}",
+                "" if flops is None else f"{flops / 1e9:.2f}",
+                "" if mem is None else f"{mem / MIB:.0f}",
+                _fmt(v.get("compile_seconds")),
+                _fmt(first),
+                "" if bp is None else f"{1e3 * bp['seconds']:.1f}",
+                "" if bp is None else f"{bp['ratio']:.2f}",
+                _fmt(bp_first),
+                "" if bp_first is None or first is None else _yes_no(first <= bp_first),
+                _target_text(q, ratio, None if bp is None else bp["ratio"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_text(document: dict[str, Any]) -> str:
+    """The machine, the versions, the load and the date of one run, as a paragraph."""
+    env = document.get("environment", {})
+    backend = env.get("jax_backend")
+    accelerator = (
+        f"{env.get('device_kind')} ({backend})" if backend not in (None, "cpu") else "none (CPU)"
+    )
+    versions = ", ".join(
+        f"{name} {env[key]}"
+        for name, key in (
+            ("Python", "python"),
+            ("jax", "jax"),
+            ("jaxlib", "jaxlib"),
+            ("flax", "flax"),
+            ("optax", "optax"),
+            ("numpy", "numpy"),
+            ("curvjax", "curvjax"),
+            ("torch", "torch"),
+            ("BackPACK", "backpack-for-pytorch"),
+            ("PyHessian", "pyhessian"),
+            ("kfac-jax", "kfac-jax"),
+        )
+        if env.get(key)
+    )
+    settings = document.get("settings", {})
+    parts = [
+        f"Run {env.get('date', 'undated')}"
+        + (f" with `{document['command']}`" if document.get("command") else "")
+        + ".",
+        f"CPU: {env.get('cpu_model')}, {env.get('usable_cores')} usable of "
+        f"{env.get('cpu_count')} cores; accelerator: {accelerator}"
+        + (f"; torch on {env['torch_cuda']}" if env.get("torch_cuda") else "")
+        + ".",
+        f"Load average (1, 5, 15 min) {env.get('load_average_at_start')} at the start, "
+        f"{env.get('load_average_at_end')} at the end.",
+        f"{versions}.",
+    ]
+    if settings:
+        shown = {k: v for k, v in settings.items() if k in ("repeats", "warmup", "batch_size")}
+        if shown:
+            parts.append("Settings: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + ".")
+    if document.get("failed_checks"):
+        parts.append("**Failed checks:** " + "; ".join(document["failed_checks"]) + ".")
+    return " ".join(parts)
+
+
+def document_tables(document: dict[str, Any]) -> str:
+    """The tables of one JSON document."""
+    experiment = document.get("experiment")
+    if experiment == "overhead":
+        return "\n\n".join(overhead_table(summary) for summary in document["results"])
+    if experiment == "curvature":
+        return curvature_table(document["results"])
+    # spectrum.py and optimizers.py store their tables as printed (they have several shapes).
+    return document.get("markdown", "(no tables in this file)")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or "experiment" not in document:
+        return None
+    return document
+
+
+def render(results: Path, include_smoke: bool = False) -> str:
+    """The whole of RESULTS.md."""
+    lines = [
+        "# Benchmark results",
+        "",
+        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not edit "
+        "by hand. How each table is made is in [README.md](README.md); each JSON file holds all "
+        "samples, compile and first-call times, check errors, settings and the environment. "
+        "Times on a machine with a load average well above 0 were distorted by other processes.",
+        "",
+    ]
+    current = [(p, d) for p in sorted(results.glob("*.json")) if (d := _load(p)) is not None]
+    for experiment, heading in EXPERIMENTS:
+        lines += [f"## {heading}", ""]
+        documents = [(p, d) for p, d in current if d["experiment"] == experiment]
+        if not include_smoke:
+            documents = [(p, d) for p, d in documents if not d.get("settings", {}).get("smoke")]
+        if not documents:
+            lines += ["No result yet.", ""]
+        for path, document in documents:
+            lines += [
+                f"### {path.stem.removeprefix(experiment + '-')}",
+                "",
+                machine_text(document),
+                "",
+                document_tables(document),
+                "",
+            ]
+    lines += ["## Changelog", "", "Older runs, newest first.", ""]
+    history = [
+        (d.get("environment", {}).get("date", ""), p, d)
+        for p in (results / "history").glob("*.json")
+        if (d := _load(p)) is not None
+    ]
+    for date, path, document in sorted(history, key=lambda item: item[0], reverse=True):
+        lines += [
+            f"### {date}: {document['experiment']} on {path.stem.removeprefix(document['experiment'] + '-')}",
+            "",
+            machine_text(document),
+            "",
+            document_tables(document),
+            "",
+        ]
+    changelog = results / "CHANGELOG.md"
+    if changelog.exists():
+        lines.append(changelog.read_text().rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Write (or with ``--check`` compare) RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the output is stale")
+    parser.add_argument(
+        "--include-smoke", action="store_true", help="also list --smoke runs (for testing)"
+    )
+    args = parser.parse_args(argv)
+    text = render(args.results, args.include_smoke)
+    if args.check:
+        if not args.output.exists() or args.output.read_text() != text:
+            print(f"{args.output} is not up to date: run python benchmarks/report.py")
+            return 1
+        return 0
+    args.output.write_text(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
