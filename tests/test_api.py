@@ -16,7 +16,7 @@ MODULES = [
     "curvjax._src.products",
     "curvjax._src.primitives",
     "curvjax._src.inspection",
-    "curvjax._src.kronecker",
+    "curvjax._src.blocks",
     "curvjax._src.losses",
     "curvjax.spectral",
     "curvjax._src.optim.precondition",

@@ -286,7 +286,7 @@ class KroneckerBlock(CurvatureBlock):
         is the identity. It is pytree auxiliary data, not a leaf.
 
     Example:
-      >>> import jax.numpy as jnp, numpy as np, curvjax
+      >>> import jax, jax.numpy as jnp, numpy as np, curvjax
       >>> blk = curvjax.KroneckerBlock(jnp.eye(2)[None], 2 * jnp.eye(3)[None], np.arange(6))
       >>> float(blk.trace()), len(jax.tree.leaves(blk))
       (12.0, 2)
@@ -485,8 +485,8 @@ class DenseBlock(CurvatureBlock):
     Example:
       >>> import jax.numpy as jnp, curvjax
       >>> blk = curvjax.DenseBlock(jnp.array([[2.0, 1.0], [1.0, 2.0]]))
-      >>> blk.matvec(jnp.ones(2))
-      Array([3., 3.], dtype=float32)
+      >>> blk.matvec(jnp.ones(2)).tolist()
+      [3.0, 3.0]
     """
 
     _fields = ("matrix",)
@@ -592,8 +592,8 @@ class DiagonalBlock(CurvatureBlock):
 
     Example:
       >>> import jax.numpy as jnp, curvjax
-      >>> curvjax.DiagonalBlock(jnp.array([1.0, 3.0])).damped_solve(jnp.ones(2), 1.0)
-      Array([0.5 , 0.25], dtype=float32)
+      >>> curvjax.DiagonalBlock(jnp.array([1.0, 3.0])).damped_solve(jnp.ones(2), 1.0).tolist()
+      [0.5, 0.25]
     """
 
     _fields = ("diagonal",)
