@@ -259,7 +259,11 @@ def render(results: Path, include_smoke: bool = False) -> str:
         if not include_smoke:
             documents = [(p, d) for p, d in documents if not d.get("settings", {}).get("smoke")]
         if not documents:
-            lines += ["No result yet.", ""]
+            lines += [
+                f"No JSON result yet (run `python benchmarks/{experiment}.py`); the last tables "
+                "written by hand are in the changelog.",
+                "",
+            ]
         for path, document in documents:
             lines += [
                 f"### {path.stem.removeprefix(experiment + '-')}",
