@@ -5,7 +5,8 @@
 * :func:`scale_by_kfac` and :func:`kfac` -- K-FAC (Martens & Grosse 2015): factor moving averages,
   periodic inverses, factored Tikhonov damping, Levenberg-Marquardt adaptation, the quadratic-model
   learning rate and momentum; block-diagonal or block-tridiagonal inverse (``chain_factors``).
-* :func:`noisy_kfac` -- Noisy K-FAC / KFAC-VI (Zhang et al. 2018), with
+* :func:`scale_by_noisy_kfac` and :func:`noisy_kfac` -- Noisy K-FAC / KFAC-VI (Zhang et al. 2018),
+  the transform and its chain with weight decay, momentum and learning rate, with
   :func:`noisy_kfac_sample`, :func:`noisy_kfac_predict` and the :func:`warmup_polynomial_decay`
   schedule.
 
@@ -21,6 +22,7 @@ from curvjax._src.optim.noisy_kfac import (
     noisy_kfac,
     noisy_kfac_predict,
     noisy_kfac_sample,
+    scale_by_noisy_kfac,
 )
 from curvjax._src.optim.precondition import precondition_by_curvature
 from curvjax._src.optim.schedules import proportional_momentum, warmup_polynomial_decay
@@ -38,5 +40,6 @@ __all__ = [
     "precondition_by_curvature",
     "proportional_momentum",
     "scale_by_kfac",
+    "scale_by_noisy_kfac",
     "warmup_polynomial_decay",
 ]

@@ -108,7 +108,7 @@ def test_sample_covariance_matches_damped_kronecker_inverse(factored):
         factored_damping=factored,
     )
     state = fast_jit(opt.init)(params)
-    index = state.factors["w"].index
+    index = state[0].factors["w"].index
     np.testing.assert_array_equal(np.asarray(index), _hand_index())
     grads = jax.tree.map(jnp.zeros_like, params)
     # first update: β_0 = 1, so F̂ is exactly the curvature passed in
@@ -156,7 +156,7 @@ def test_two_updates_equal_dense_formula_with_momentum_and_sample_axis():
     )
     update = fast_jit(opt.update)
     state = fast_jit(opt.init)(params)
-    index = state.factors["w"].index
+    index = state[0].factors["w"].index
     u1, state = update(g1, state, params, curvature=_curvature(a1, b1, bias1, index))
     params1 = optax.apply_updates(params, u1)
     # second step: gradient and curvature with a leading axis of two weight samples
@@ -201,8 +201,8 @@ def test_two_updates_equal_dense_formula_with_momentum_and_sample_axis():
     pw2, pb2 = precond(a_hat, b_hat, bias_hat)
     v2 = step(pw2, pb2, flat(g2), mu0 - lrs[0] * v1, v1, lrs[1])
     np.testing.assert_allclose(flat(u2), -lrs[1] * v2, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(state.factors["w"].a[0]), a_hat, rtol=1e-12)
-    assert int(state.count) == 2
+    np.testing.assert_allclose(np.asarray(state[0].factors["w"].a[0]), a_hat, rtol=1e-12)
+    assert int(state[0].count) == 2
 
 
 def grouped_conv(params, x):
@@ -313,7 +313,7 @@ def test_convenience_path_averages_gradient_and_factors_over_weight_samples():
     key = jax.random.key(7)
     updates, state = step(params, state0, key)
     step(params, state0, jax.random.key(8))  # no retrace
-    st = state[0]
+    st = state[0][0]  # chain(noisy_kfac = chain(scale_by_noisy_kfac, ...), scale)
     assert isinstance(st, NoisyKfacState)
 
     # the documented sample convention, drawn by the public sampler from the initial state

@@ -31,10 +31,11 @@ import optax
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
 from curvjax._src.blocks import DiagonalBlock
+from curvjax._src.typing import LossLike
 
 
 class NoisyKfacState(NamedTuple):
-    """State of :func:`noisy_kfac`; the posterior mean ``μ`` is ``params`` itself."""
+    """State of :func:`scale_by_noisy_kfac`; the posterior mean ``μ`` is ``params`` itself."""
 
     count: jax.Array  # [] int32: the number of updates done (t of eq. 6-14)
     factors: Any  # params-shaped: per dense/conv kernel a KroneckerBlock (a [G, I, I], b [G, O, O];
@@ -43,7 +44,6 @@ class NoisyKfacState(NamedTuple):
     posterior: Any  # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot (a_vectors
     # [G, I, I], b_vectors [G, O, O], std [G, I, O]) per kernel, a DiagonalRoot (std shaped like
     # the leaf) per other float leaf, None for non-float leaves
-    velocity: Any  # params-shaped: v of eq. 10 (zeros for non-float leaves)
 
 
 def _is_float(x) -> bool:
@@ -279,25 +279,22 @@ def noisy_kfac_predict(
     return jnp.mean(_map_samples(one, keys, sample_batch_size), axis=0)
 
 
-def noisy_kfac(
+def scale_by_noisy_kfac(
     apply_fn: Callable,
-    example_inputs,
+    example_inputs: Any,
     *,
-    learning_rate: optax.ScalarOrSchedule,
     rho: float,
     damping: float,
     num_samples: int = 1,
     ema_decay: float = 0.95,
-    momentum: optax.ScalarOrSchedule = 0.0,
-    weight_decay: float = 0.0,
     factored_damping: bool = True,
-    loss="cross_entropy",
+    loss: LossLike = "cross_entropy",
     sample_batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Noisy K-FAC with ``M`` weight samples per step (KFAC-VI), as an optax transformation.
+    """Noisy K-FAC preconditioning: moving-averaged Kronecker factors and the posterior they define.
 
     The posterior is ``N(μ, Σ)`` with ``μ = params`` and ``Σ_l = ρ² (F̂_l + γ I)⁻¹`` per leaf. One
-    update at step ``t``, for every leaf ``l`` (eq. 5-12 of KFAC-VI):
+    update at step ``t`` (KFAC-VI eq. 7-9, 12), for every leaf ``l``:
 
     .. math::
         θ_m &\\sim N(μ, Σ), \\quad m = 1..M, \\qquad
@@ -305,31 +302,27 @@ def noisy_kfac(
         \\bar F_l = \\frac{1}{M} \\sum_m A_l(θ_m) ⊗ \\frac{1}{M} \\sum_m B_l(θ_m), \\\\
         \\hat F_l &← (1 - β_t) \\hat F_l + β_t \\bar F_l \\quad \\text{(per factor)}, \\qquad
         β_t = \\max(1 - \\text{ema\\_decay}, 1/(t+1)), \\\\
-        v_l &← (\\hat F_l + γ I)^{-1} \\bar g_l + \\frac{λ}{α_t} μ_l + m_t v_l, \\qquad
-        μ_l ← μ_l - α_t v_l, \\qquad Σ_l ← ρ^2 (\\hat F_l + γ I)^{-1} .
+        d_l &= (\\hat F_l + γ I)^{-1} \\bar g_l, \\qquad Σ_l ← ρ^2 (\\hat F_l + γ I)^{-1} .
 
-    ``L`` is the mean loss over the batch, so ``ḡ`` and ``F̄`` are averages over samples and batch
-    (eq. 7-8); ``A ⊗ B`` are the K-FAC factors of :func:`curvjax.kfac` (Fisher with labels sampled
-    from the model, the ``B`` factor carrying the ``1/N`` of the mean), averaged over the samples
-    factor by factor as K-FAC averages over batches. The paper's ``β`` is ``1 - ema_decay``
-    (KFAC-VI's Table 1: ``β = 0.333``); ``β_t`` weighs the first ``1/β`` estimates equally, so that
-    the zero initial factors do not bias ``F̂`` (Martens & Grosse 2015, §5). The
-    update returned is ``-α_t v``; add it with ``optax.apply_updates``.
+    The returned updates are the directions ``d`` (zeros for non-float leaves); follow with weight
+    decay, momentum and the learning rate, as :func:`noisy_kfac` does. ``L`` is the mean loss over
+    the batch, so ``ḡ`` and ``F̄`` are averages over samples and batch; ``A ⊗ B`` are the K-FAC
+    factors of :func:`curvjax.kfac` (Fisher with labels sampled from the model), averaged over the
+    samples factor by factor. KFAC-VI's ``β`` is ``1 - ema_decay`` (its Table 1:
+    ``β = 0.333``); ``β_t`` weighs the first ``1/β`` estimates equally, so that the zero initial
+    factors do not bias ``F̂`` (Martens & Grosse 2015, §5).
 
     **Damping.** With ``factored_damping=True`` (default, Martens & Grosse §6.3, Zhang et al.)
     ``F̂ + γ I`` means ``(A + π√γ I) ⊗ (B + √γ/π I)`` with
     ``π = √((tr A / dim A) / (tr B / dim B))`` (``π = 1`` while a factor is zero), per feature
     group; with ``False``, exactly ``A ⊗ B + γ I`` (in the factors' eigenbasis; same cost).
-    Both are applied through eigendecompositions of ``A`` and ``B`` recomputed every step.
+    Both are applied through eigendecompositions of ``A`` and ``B`` recomputed every step
+    (negative eigenvalues from round-off are set to zero).
 
     **Other leaves.** Biases, normalisation scales and every leaf that is not the kernel of one
     dense or convolution layer get a *diagonal* Fisher ``F̂ = diag(d)``: the diagonal of their
     :func:`curvjax.kfac` block, moving-averaged the same way. Their posterior is
-    ``N(μ, ρ² diag(d + γ)⁻¹)``. Non-float leaves are left unchanged.
-
-    **Relation to Zhang et al.** ``ρ² = λ_KL / N`` (KL weight over dataset size) and ``γ`` plays
-    the role of the intrinsic damping ``λ_KL / (N η)`` of a prior ``N(0, η I)``: before the first
-    update ``Σ = ρ²/γ I``, the prior. ``rho=0`` gives K-FAC with this update rule (no noise).
+    ``N(μ, ρ² diag(d + γ)⁻¹)``.
 
     **Two ways to call ``update``** (both under the caller's ``jax.jit``):
 
@@ -349,13 +342,10 @@ def noisy_kfac(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to find the
         dense / convolution kernels and their layout, and used by the convenience path.
       example_inputs: inputs with a leading batch axis (only the first example's shape is used).
-      learning_rate: ``α_t`` (float or optax schedule, e.g. :func:`warmup_polynomial_decay`).
       rho: ``ρ``, the scale of the posterior covariance (``0`` for no noise).
       damping: ``γ > 0``.
       num_samples: ``M``, weight samples per step in the convenience path.
       ema_decay: ``1 - β``, the weight of the old factors in the moving average (eq. 9).
-      momentum: ``m_t`` (float or schedule; :func:`proportional_momentum` gives eq. 6).
-      weight_decay: ``λ`` (the prior's weight decay, eq. 10).
       factored_damping: the damping split described above.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`, for the
         convenience path.
@@ -367,24 +357,23 @@ def noisy_kfac(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from curvjax._src.optim.noisy_kfac import noisy_kfac
+      >>> from curvjax.optim import scale_by_noisy_kfac
       >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
       >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
       >>> batch = (jnp.ones((8, 4)), jnp.arange(8) % 3)
-      >>> opt = noisy_kfac(apply_fn, batch[0], learning_rate=0.1, rho=0.01, damping=1e-2,
-      ...                  num_samples=4, momentum=0.9)
+      >>> opt = optax.chain(scale_by_noisy_kfac(apply_fn, batch[0], rho=0.01, damping=1e-2),
+      ...                   optax.scale(-0.1))
       >>> state = opt.init(params)
-      >>> update = jax.jit(opt.update)
-      >>> updates, state = update(None, state, params, batch=batch, key=jax.random.key(0))
-      >>> params = optax.apply_updates(params, updates)
-      >>> int(state.count), state.factors["w"].a.shape
+      >>> updates, state = jax.jit(opt.update)(None, state, params, batch=batch,
+      ...                                      key=jax.random.key(0))
+      >>> int(state[0].count), state[0].factors["w"].a.shape
       (1, (1, 4, 4))
 
     References:
       Zhang, Sun, Duvenaud & Grosse, "Noisy natural gradient as variational inference", ICML 2018;
       Nakata, Osawa & Yokota, "Variational deep learning based on natural gradient" (KFAC-VI),
       eq. 5-12; Martens & Grosse, "Optimizing neural networks with Kronecker-factored
-      approximate curvature", ICML 2015, §6.3 (factored Tikhonov damping).
+      approximate curvature", ICML 2015, §5 (moving averages), §6.3 (factored Tikhonov damping).
     """
     if not damping > 0:
         raise ValueError(f"`damping` must be positive, got {damping}.")
@@ -402,8 +391,7 @@ def noisy_kfac(
         posterior = jax.tree.map(
             lambda f: _initial_posterior(f, rho, damping), factors, is_leaf=_is_node
         )
-        velocity = jax.tree.map(jnp.zeros_like, params)
-        return NoisyKfacState(jnp.zeros([], jnp.int32), factors, posterior, velocity)
+        return NoisyKfacState(jnp.zeros([], jnp.int32), factors, posterior)
 
     def estimate(params, state, batch, key):
         def one(k):
@@ -436,25 +424,18 @@ def noisy_kfac(
 
         count = state.count
         beta = jnp.maximum(1.0 - ema_decay, 1.0 / (count + 1.0))
-        alpha = learning_rate(count) if callable(learning_rate) else learning_rate
-        mom = momentum(count) if callable(momentum) else momentum
-        alpha = jnp.asarray(alpha)
-        decay_coef = jnp.where(alpha > 0, weight_decay / jnp.where(alpha > 0, alpha, 1.0), 0.0)
-
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
         factors = treedef.flatten_up_to(state.factors)
         blocks = treedef.flatten_up_to(curvature)
         grad_leaves = treedef.flatten_up_to(grads)
-        velocities = treedef.flatten_up_to(state.velocity)
-        new_factors, new_roots, new_velocities, new_updates = [], [], [], []
-        for (path, leaf), factor, block, g, v in zip(
-            paths_leaves, factors, blocks, grad_leaves, velocities, strict=True
+        new_factors, new_roots, directions = [], [], []
+        for (path, leaf), factor, block, g in zip(
+            paths_leaves, factors, blocks, grad_leaves, strict=True
         ):
             if factor is None:
                 new_factors.append(None)
                 new_roots.append(None)
-                new_velocities.append(v)
-                new_updates.append(jnp.zeros_like(leaf))
+                directions.append(jnp.zeros_like(leaf))
                 continue
             if g is None:
                 raise ValueError(
@@ -467,18 +448,140 @@ def noisy_kfac(
                 lambda old, new, b=b: (1 - b) * old + b * new.astype(old.dtype), factor, incoming
             )
             root, direction = _posterior_and_direction(factor, g, rho, damping, factored_damping)
-            v = direction + decay_coef.astype(leaf.dtype) * leaf + jnp.asarray(mom, leaf.dtype) * v
             new_factors.append(factor)
             new_roots.append(root)
-            new_velocities.append(v)
-            new_updates.append(-alpha.astype(leaf.dtype) * v)
+            directions.append(direction)
 
         state = NoisyKfacState(
-            count + 1,
-            treedef.unflatten(new_factors),
-            treedef.unflatten(new_roots),
-            treedef.unflatten(new_velocities),
+            count + 1, treedef.unflatten(new_factors), treedef.unflatten(new_roots)
         )
-        return treedef.unflatten(new_updates), state
+        return treedef.unflatten(directions), state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _float_mask(tree):
+    return jax.tree.map(_is_float, tree)
+
+
+def noisy_kfac(
+    apply_fn: Callable,
+    example_inputs: Any,
+    *,
+    learning_rate: optax.ScalarOrSchedule,
+    rho: float,
+    damping: float,
+    num_samples: int = 1,
+    ema_decay: float = 0.95,
+    momentum: optax.ScalarOrSchedule = 0.0,
+    weight_decay: float = 0.0,
+    factored_damping: bool = True,
+    loss: LossLike = "cross_entropy",
+    sample_batch_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Noisy K-FAC with ``M`` weight samples per step (KFAC-VI), chained from optax pieces.
+
+    :func:`scale_by_noisy_kfac` gives the direction ``d_l = (F̂_l + γ I)⁻¹ ḡ_l`` and updates the
+    posterior ``N(μ, ρ² (F̂ + γ I)⁻¹)``; then, on the floating-point leaves (KFAC-VI eq. 10-11),
+
+    .. math::
+        v_l ← d_l + \\frac{λ}{α_t} μ_l + m_t v_l, \\qquad μ_l ← μ_l - α_t v_l ,
+
+    as ``optax.add_decayed_weights(λ/α_t)``, ``optax.trace(m_t)`` and
+    ``optax.scale_by_learning_rate(α_t)``: ``noisy_kfac(...)`` is
+
+    .. code-block:: python
+
+        optax.chain(
+            scale_by_noisy_kfac(apply_fn, example_inputs, rho=..., damping=..., ...),
+            optax.masked(optax.chain(
+                optax.add_decayed_weights(λ / α_t),
+                optax.trace(m_t),  # optax.inject_hyperparams(optax.trace) for a schedule
+                optax.scale_by_learning_rate(α_t),
+            ), <float leaves>),
+        )
+
+    The weight decay enters after the preconditioner, divided by ``α_t`` so that the step on
+    ``μ`` carries ``-λ μ`` (KFAC-VI eq. 10); it is therefore not part of the direction whose
+    damping defines the posterior. The update returned is ``-α_t v``; add it with
+    ``optax.apply_updates``. Non-float leaves are left unchanged.
+
+    **Relation to Zhang et al.** ``ρ² = λ_KL / N`` (KL weight over dataset size) and ``γ`` plays
+    the role of the intrinsic damping ``λ_KL / (N η)`` of a prior ``N(0, η I)``: before the first
+    update ``Σ = ρ²/γ I``, the prior. ``rho=0`` gives K-FAC with this update rule (no noise).
+
+    ``update`` is called as for :func:`scale_by_noisy_kfac` (one pass with ``curvature=``, or
+    ``update(None, state, params, batch=batch, key=key)``). The state is the ``optax.chain`` state;
+    its first entry is the :class:`NoisyKfacState`, which :func:`noisy_kfac_sample` and
+    :func:`noisy_kfac_predict` find by themselves.
+
+    Args:
+      apply_fn: as for :func:`scale_by_noisy_kfac`.
+      example_inputs: as for :func:`scale_by_noisy_kfac`.
+      learning_rate: ``α_t`` (float or optax schedule, e.g. :func:`warmup_polynomial_decay`).
+      rho: ``ρ``, the scale of the posterior covariance (``0`` for no noise).
+      damping: ``γ > 0``.
+      num_samples: ``M``, weight samples per step in the convenience path.
+      ema_decay: ``1 - β``, the weight of the old factors in the moving average (eq. 9).
+      momentum: ``m_t`` (float or schedule; :func:`proportional_momentum` gives eq. 6).
+      weight_decay: ``λ`` (the prior's weight decay, eq. 10).
+      factored_damping: as for :func:`scale_by_noisy_kfac`.
+      loss: as for :func:`scale_by_noisy_kfac`.
+      sample_batch_size: as for :func:`scale_by_noisy_kfac`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its state is a tuple whose first entry is the
+      :class:`NoisyKfacState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvjax.optim import noisy_kfac
+      >>> apply_fn = lambda p, x: x @ p["w"] + p["b"][None, :]
+      >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+      >>> batch = (jnp.ones((8, 4)), jnp.arange(8) % 3)
+      >>> opt = noisy_kfac(apply_fn, batch[0], learning_rate=0.1, rho=0.01, damping=1e-2,
+      ...                  num_samples=4, momentum=0.9)
+      >>> state = opt.init(params)
+      >>> update = jax.jit(opt.update)
+      >>> updates, state = update(None, state, params, batch=batch, key=jax.random.key(0))
+      >>> params = optax.apply_updates(params, updates)
+      >>> int(state[0].count), state[0].factors["w"].a.shape
+      (1, (1, 4, 4))
+
+    References:
+      Zhang, Sun, Duvenaud & Grosse, "Noisy natural gradient as variational inference", ICML 2018;
+      Nakata, Osawa & Yokota, "Variational deep learning based on natural gradient" (KFAC-VI),
+      eq. 5-12; Martens & Grosse, "Optimizing neural networks with Kronecker-factored
+      approximate curvature", ICML 2015, §6.3 (factored Tikhonov damping).
+    """
+    if callable(learning_rate):
+
+        def decay(count):
+            alpha = jnp.asarray(learning_rate(count))
+            return jnp.where(alpha > 0, weight_decay / jnp.where(alpha > 0, alpha, 1.0), 0.0)
+
+    else:
+        decay = weight_decay / learning_rate if learning_rate > 0 else 0.0
+    if weight_decay == 0:
+        decay = 0.0
+    if callable(momentum):
+        trace = optax.inject_hyperparams(optax.trace)(decay=momentum)
+    else:
+        trace = optax.trace(decay=momentum)
+    tail = optax.chain(
+        optax.add_decayed_weights(decay), trace, optax.scale_by_learning_rate(learning_rate)
+    )
+    return optax.chain(
+        scale_by_noisy_kfac(
+            apply_fn,
+            example_inputs,
+            rho=rho,
+            damping=damping,
+            num_samples=num_samples,
+            ema_decay=ema_decay,
+            factored_damping=factored_damping,
+            loss=loss,
+            sample_batch_size=sample_batch_size,
+        ),
+        optax.masked(tail, _float_mask),
+    )
