@@ -45,6 +45,10 @@ import report  # noqa: E402
 import curvjax  # noqa: E402
 
 JAX_ROWS = ("ggn_diag", "ggn_diag_mc", "kfac", "kflr", "hvp")
+#: Largest relative error of BackPACK's GGN (or Hessian) diagonal against curvjax's: both sum
+#: squares over classes and examples in float32 in different orders (measured: about 1e-3 on 3c3d).
+BACKPACK_TOLERANCE = 1e-2
+
 BACKPACK_ROWS = {
     "ggn_diag": "DiagGGNExact",
     "ggn_diag_mc": "DiagGGNMC",
@@ -295,7 +299,7 @@ def run(
         f"{r['model']}: BackPACK {q} relative error {e:.2e}"
         for r in results
         for q, e in r.get("backpack_relative_error", {}).items()
-        if not e <= harness.RELATIVE_TOLERANCE
+        if not e <= BACKPACK_TOLERANCE
     ]
     return {
         "experiment": "curvature",

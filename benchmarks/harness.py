@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+#: Where :func:`write_results` puts result files (``$CURVJAX_BENCHMARK_RESULTS`` if set).
+RESULTS = Path(os.environ.get("CURVJAX_BENCHMARK_RESULTS") or HERE / "results")
 
 #: Largest allowed ``max |value - reference| / max |reference|`` over the leaves of a quantity.
 RELATIVE_TOLERANCE = 1e-4
@@ -188,12 +189,21 @@ def torch_available() -> bool:
 
 
 def torch_device() -> str:
-    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+
+    On a GPU, TF32 is switched off for torch's matmuls and convolutions, so that both frameworks
+    compute in float32 (run JAX with ``JAX_DEFAULT_MATMUL_PRECISION=highest`` to match) and the
+    checks against the JAX reference hold at :data:`RELATIVE_TOLERANCE`.
+    """
     try:
         import torch
     except ImportError:
         return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda"
 
 
 def torch_sync() -> None:
@@ -266,6 +276,7 @@ def environment(packages: tuple[str, ...] = ()) -> dict[str, Any]:
         "device_kind": device.device_kind,
         "jax_devices": [str(d) for d in jax.devices()],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_default_matmul_precision": os.environ.get("JAX_DEFAULT_MATMUL_PRECISION"),
         # Other processes distort timings; the load average at the start and (see
         # ``finish_environment``) at the end of the run tells whether there were any.
         "load_average_at_start": load_average(),
