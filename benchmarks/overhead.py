@@ -6,25 +6,30 @@ each first-order quantity -- ``per_example_grads``, ``batch_l2``, ``sum_grad_squ
 measured in the same run (``curvjax.grad`` and a plain ``jax.grad`` of the same loss), next to
 the ``jax.vmap(jax.grad)`` per-example baseline that computes the same numbers. XLA's flop count
 (``cost_analysis``) and temporary memory (``memory_analysis().temp_size_in_bytes``) of each
-compiled function are reported as well.
+compiled function are reported as well, and its compile time and first-call time (compile plus
+the first run: what computing a quantity once costs).
 
 When torch and BackPACK are importable, the same network with the same weights and data is run
 through BackPACK (``BatchGrad``, ``BatchL2Grad``, ``SumGradSquared``, ``Variance`` and all four
 together), timed as ratios to a plain torch forward and backward pass of the same model, with
 torch limited to as many threads as the process may use. Before timing, the torch loss and
 gradient are checked against JAX's, and BackPACK's quantities against the ``vmap(grad)``
-reference; curvjax's quantities are checked against that reference too.
+reference; curvjax's quantities are checked against that reference too. BackPACK's first-call
+time is the time of the very first call of each extension in the run.
 
 Every time is the median of ``--repeats`` calls after warm-up; the functions of one framework are
 called round-robin (one timed call of each per round; a fast one right after an untimed call of
 itself) so that drifts of the machine's speed affect them alike. Every time includes the forward
 pass.
 
+With ``--part all`` (the default) the second-order experiment of ``curvature.py`` runs after
+this one and writes its own file, so that one run gives both ratios on 3c3d.
+
 Usage::
 
-    python benchmarks/overhead.py                 # full size, writes benchmarks/overhead.json
-    python benchmarks/overhead.py --smoke         # tiny models, about 20 s (for CI)
-    python benchmarks/overhead.py --batch-size 128 --repeats 20 --json out.json
+    python benchmarks/overhead.py                 # full size, writes benchmarks/results/*.json
+    python benchmarks/overhead.py --smoke         # tiny models, every code path (for CI)
+    python benchmarks/overhead.py --part first --batch-size 128 --repeats 20 --json out.json
 
 The script exits with status 1 when a computed quantity disagrees with its reference.
 """

@@ -33,10 +33,15 @@ def render(results_dir):
     return output.read_text()
 
 
-def test_overhead_smoke(tmp_path):
+def test_overhead_smoke_runs_first_and_second_order(tmp_path):
     out = tmp_path / "overhead-smoke.json"
-    result = run_script("overhead.py", "--smoke", "--no-torch", "--part", "first", "--json", out)
+    result = run_script(
+        "overhead.py", "--smoke", "--no-torch", "--part", "all", "--models", "mlp", "--json", out
+    )
     assert "| per_example_grads |" in result.stdout
+    second = json.loads(out.with_suffix(".curvature.json").read_text())
+    assert second["experiment"] == "curvature" and not second["failed_checks"]
+    assert {"ggn_diag", "hessian_diag"} <= {q for r in second["results"] for q in r["jax"]}
     document = json.loads(out.read_text())
     assert document["experiment"] == "overhead" and not document["failed_checks"]
     assert document["environment"]["device_kind"] and document["environment"]["cpu_model"]
