@@ -1,3 +1,4 @@
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """K-FAC (Martens & Grosse 2015) as optax transforms: ``scale_by_kfac`` and the full ``kfac``.
 
 Both keep in their state moving averages of the Kronecker factors and a preconditioner refreshed
@@ -18,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array, Float, Int, PyTree
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import chain, products
@@ -32,32 +34,37 @@ BLOCK_KINDS = ("diagonal", "tridiagonal")
 class ScaleByKfacState(NamedTuple):
     """State of :func:`scale_by_kfac`."""
 
-    count: jax.Array  # [] int32: updates done so far
-    factors: Any  # moving averages, dtype of the params: block="diagonal": params-shaped tree of
+    # [] int32: updates done so far
+    count: Int[Array, ""]
+    # moving averages, dtype of the params. block="diagonal": a params-shaped tree of
     # KroneckerBlock (a [G, I, I], b [G, O, O]; static index) / DenseBlock ([D, D]) /
     # DiagonalBlock (leaf-shaped) / None (non-float leaves); block="tridiagonal": ChainFactors
-    inverse: Any  # refreshed every `inverse_interval` steps: params-shaped eigendecomposed blocks
-    # (`block.eigh()`: KroneckerEigh / DenseEigh / DiagonalBlock) / None (block="diagonal"), or
-    # TridiagonalInverse (block="tridiagonal")
+    factors: PyTree
+    # refreshed every `inverse_interval` steps. block="diagonal": params-shaped eigendecomposed
+    # blocks (`block.eigh()`: KroneckerEigh / DenseEigh / DiagonalBlock) / None;
+    # block="tridiagonal": TridiagonalInverse
+    inverse: PyTree
 
 
 class KfacState(NamedTuple):
     """State of :func:`kfac`."""
 
-    count: jax.Array  # [] int32: updates done so far
-    damping: jax.Array  # [] float: λ, adapted by the Levenberg-Marquardt rule
-    factors: Any  # as in ScaleByKfacState
-    inverse: Any  # as in ScaleByKfacState
-    previous_update: Any  # params-shaped: δ of the previous step (zeros at first)
-    rho: jax.Array  # [] float: the last reduction ratio ρ (NaN before the first adaptation)
+    # [] int32: updates done so far
+    count: Int[Array, ""]
+    # [] dtype of the params: λ, adapted by the Levenberg-Marquardt rule
+    damping: Float[Array, ""]
+    # as in ScaleByKfacState
+    factors: PyTree
+    # as in ScaleByKfacState
+    inverse: PyTree
+    # params-shaped, dtype of the params: δ of the previous step (zeros at first)
+    previous_update: PyTree
+    # [] dtype of the params: the last reduction ratio ρ (NaN before the first adaptation)
+    rho: Float[Array, ""]
 
 
 def _shape_structs(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
-
-
-def _zeros(struct_tree):
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), struct_tree)
 
 
 def _ema(old, new, decay):
@@ -105,13 +112,13 @@ class _Core:
             )["chain_factors"]
             factors = jax.eval_shape(fn, structs)
             inverse = jax.eval_shape(tridiagonal.tridiagonal_inverse, factors, 1.0)
-            return _zeros(factors), _zeros(inverse)
+            return optax.tree.zeros_like(factors), optax.tree.zeros_like(inverse)
         fn = lambda p: extract_lib.extract(  # noqa: E731
             self.apply_fn, p, self._dummy_batch(), ("kflr",)
         )["kflr"]
         factors = jax.eval_shape(fn, structs)
         inverse = jax.eval_shape(lambda f: blocks_lib.map_blocks(lambda b: b.eigh(), f), factors)
-        return _zeros(factors), _zeros(inverse)
+        return optax.tree.zeros_like(factors), optax.tree.zeros_like(inverse)
 
     # --- curvature of the current step -------------------------------------------------------
     def current(self, params, state_factors, curvature, batch, key):
@@ -209,24 +216,6 @@ class _Core:
         return factors, inverse, self.direction(inverse, factors, updates, params, damping)
 
 
-_ARGS = """
-      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to lay out the
-        factors, and used by the convenience path.
-      example_inputs: inputs with a leading batch axis (only the first example's shape is used).
-      damping: {damping}
-      l2: ``η ≥ 0``, strength of the ℓ2 term ``η/2 ||θ||²`` of the objective ``h = L + η/2 ||θ||²``.
-      ema_decay: ``ε``: the factors are averaged as ``F ← ε_k F + (1 - ε_k) F_k`` with
-        ``ε_k = min(1 - 1/k, ε)`` at step ``k = 1, 2, …`` (§5; no bias from the zero start).
-      inverse_interval: ``T``: the preconditioner is recomputed at steps ``0, T, 2T, …``.
-      block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
-        layers; biases added right after a layer are folded in with a homogeneous coordinate).
-      quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
-        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
-      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
-      mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``."""
-
-
 def scale_by_kfac(
     apply_fn: Callable,
     example_inputs: Any,
@@ -241,31 +230,14 @@ def scale_by_kfac(
     reduction: str = "mean",
     mc_samples: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
-    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
-
-    def init(params):
-        factors, inverse = core.init(params)
-        return ScaleByKfacState(jnp.zeros([], jnp.int32), factors, inverse)
-
-    def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
-        del extra
-        grads = pre.add_l2(updates, params, l2)
-        factors, inverse, direction = core.step(
-            state, grads, params, curvature, batch, key, damping + l2, ema_decay, inverse_interval
-        )
-        return direction, ScaleByKfacState(state.count + 1, factors, inverse)
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (fixed damping).
+    """K-FAC preconditioning with moving-averaged factors (fixed damping).
 
     The update direction (to be followed by ``optax.scale(-α)``, momentum by ``optax.trace``) is
 
     .. math::
-        d = \\breve F^{{-1}} (∇L + η θ), \\qquad
-        \\breve F_{{\\text{{layer}}}} = \\big(A + π \\sqrt{{λ+η}}\\, I\\big) ⊗
-        \\big(B + \\tfrac{{\\sqrt{{λ+η}}}}{{π}} I\\big)
+        d = \\breve F^{-1} (∇L + η θ), \\qquad
+        \\breve F_{\\text{layer}} = \\big(A + π \\sqrt{λ+η}\\, I\\big) ⊗
+        \\big(B + \\tfrac{\\sqrt{λ+η}}{π} I\\big)
 
     per Kronecker block (``block="diagonal"``; ``π`` as in :func:`precondition_by_curvature`,
     dense blocks ``(M + (λ+η) I)⁻¹``), or the damped block-tridiagonal ``F̂⁻¹`` of §4.3
@@ -277,7 +249,22 @@ scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (
     ``chain_factors(apply_fn, params, batch, key=k)`` (``"tridiagonal"``); *convenience* —
     ``update(grads, state, params, batch=batch, key=k)``: the transform computes ``quantity``.
 
-    Args:{_ARGS.format(damping="``λ ≥ 0``, fixed (a float or a traced scalar).")}
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to lay out the
+        factors, and used by the convenience path.
+      example_inputs: inputs with a leading batch axis (only the first example's shape is used).
+      damping: ``λ ≥ 0``, fixed (a float or a traced scalar).
+      l2: ``η ≥ 0``, strength of the ℓ2 term ``η/2 ||θ||²`` of the objective ``h = L + η/2 ||θ||²``.
+      ema_decay: ``ε``: the factors are averaged as ``F ← ε_k F + (1 - ε_k) F_k`` with
+        ``ε_k = min(1 - 1/k, ε)`` at step ``k = 1, 2, …`` (§5; no bias from the zero start).
+      inverse_interval: ``T``: the preconditioner is recomputed at steps ``0, T, 2T, …``.
+      block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
+        layers; biases added right after a layer are folded in with a homogeneous coordinate).
+      quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
+        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+      mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKfacState`.
@@ -286,7 +273,7 @@ scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (
       >>> import jax, jax.numpy as jnp, optax, curvjax
       >>> from curvjax.optim import scale_by_kfac
       >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
-      >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
+      >>> params = {"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}
       >>> batch = (jnp.ones((6, 4)), jnp.arange(6) % 3)
       >>> opt = optax.chain(scale_by_kfac(apply_fn, batch[0], damping=1e-2), optax.scale(-0.1))
       >>> @jax.jit
@@ -302,6 +289,21 @@ scale_by_kfac.__doc__ = f"""K-FAC preconditioning with moving-averaged factors (
       Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
       curvature", ICML 2015, §4.2-4.3, §5 (moving averages), §6.3 (factored Tikhonov damping).
     """
+    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
+
+    def init(params):
+        factors, inverse = core.init(params)
+        return ScaleByKfacState(jnp.zeros([], jnp.int32), factors, inverse)
+
+    def update(updates, state, params=None, *, curvature=None, batch=None, key=None, **extra):
+        del extra
+        grads = pre.add_l2(updates, params, l2)
+        factors, inverse, direction = core.step(
+            state, grads, params, curvature, batch, key, damping + l2, ema_decay, inverse_interval
+        )
+        return direction, ScaleByKfacState(state.count + 1, factors, inverse)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
@@ -376,6 +378,86 @@ def kfac(
     reduction: str = "mean",
     mc_samples: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
+    """K-FAC with adaptive damping and the quadratic-model step size and momentum.
+
+    Each step (Martens & Grosse 2015, §6-7) with ``h = L + η/2 ||θ||²``:
+
+    .. math::
+        Δ = -\\breve F^{-1} ∇h, \\qquad δ = α Δ + μ δ_0, \\qquad
+        (α, μ) = \\operatorname*{arg\\,min}_{α, μ} \\; ∇h^⊤ δ + \\tfrac12 δ^⊤ \\big(G + (λ+η) I\\big) δ,
+
+    where ``F̆`` is the damped K-FAC approximation of :func:`scale_by_kfac` with ``c = λ + η``,
+    ``δ₀`` the previous update and ``G`` the exact GGN of ``L`` on the current batch, applied
+    through two Jacobian-vector products (a 2×2 linear system; ``μ = 0`` at the first step or with
+    ``momentum=False``). Every ``T₁ = adaptation_interval`` steps ``λ`` follows the
+    Levenberg-Marquardt rule
+
+    .. math::
+        ρ = \\frac{h(θ + δ) - h(θ)}{∇h^⊤ δ + \\tfrac12 δ^⊤ (G + η I) δ}, \\qquad
+        λ ← \\begin{cases} ω λ & ρ > 3/4 \\\\ λ / ω & ρ < 1/4 \\end{cases}, \\quad
+        ω = (\\text{damping\\_decay})^{T_1},
+
+    which costs one forward pass at ``θ + δ`` on the same batch; the denominator leaves out ``λ``
+    (the undamped model, as in Hessian-free optimisation). The returned update is ``δ`` itself
+    (already with its sign and step size): add it with ``optax.apply_updates``.
+    Simplifications: the factored Tikhonov damping uses ``γ = √(λ+η)`` directly (no separate
+    greedy search over ``γ``, §6.6), and with ``block="tridiagonal"`` the preconditioner keeps the
+    damping of its last refresh.
+
+    **Calling ``update``** (inside the caller's ``jax.jit``): ``batch=`` is always needed (for the
+    quadratic model and ``ρ``). *One pass*: ``update(grads, state, params, curvature=c,
+    batch=batch)`` with ``grads, c`` from ``curvjax.extract(..., ["kfac"], key=k)``
+    (``block="diagonal"``) or ``chain_factors(..., key=k)`` (``"tridiagonal"``). *Convenience*:
+    ``update(grads, state, params, batch=batch, key=k)``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``; traced at ``init`` to lay out the
+        factors, and used by the convenience path.
+      example_inputs: inputs with a leading batch axis (only the first example's shape is used).
+      damping: initial ``λ > 0``.
+      l2: ``η ≥ 0``, strength of the ℓ2 term ``η/2 ||θ||²`` of the objective ``h = L + η/2 ||θ||²``.
+      ema_decay: ``ε``: the factors are averaged as ``F ← ε_k F + (1 - ε_k) F_k`` with
+        ``ε_k = min(1 - 1/k, ε)`` at step ``k = 1, 2, …`` (§5; no bias from the zero start).
+      inverse_interval: ``T``: the preconditioner is recomputed at steps ``0, T, 2T, …``.
+      block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
+        layers; biases added right after a layer are folded in with a homogeneous coordinate).
+      quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
+        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` or ``"sum"``.
+      mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
+      momentum: solve for the momentum ``μ`` as well (else ``μ = 0``).
+      adapt_damping: apply the Levenberg-Marquardt rule (else ``λ`` stays fixed).
+      adaptation_interval: ``T₁``.
+      damping_decay: the per-step factor: ``λ`` is multiplied or divided by
+        ``ω = damping_decay^{T₁}`` per adaptation (the paper's ``(19/20)^{T₁}``).
+      min_damping: lower bound for ``λ``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`KfacState`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from curvjax.optim import kfac
+      >>> from curvjax.optim import chain_factors
+      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
+      >>> params = {"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}
+      >>> batch = (jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3)
+      >>> opt = kfac(apply_fn, batch[0], damping=1e-1, block="tridiagonal")
+      >>> @jax.jit
+      ... def step(params, state, batch, key):
+      ...     out = chain_factors(apply_fn, params, batch, key=key)  # one pass
+      ...     updates, state = opt.update(
+      ...         out["grad"], state, params, curvature=out["chain_factors"], batch=batch)
+      ...     return optax.apply_updates(params, updates), state
+      >>> params, state = step(params, opt.init(params), batch, jax.random.key(0))
+      >>> int(state.count)
+      1
+
+    References:
+      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+      curvature", ICML 2015, §6.3-6.5 (damping), §7 (step size and momentum).
+    """
     core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
     if adaptation_interval < 1:
         raise ValueError(f"`adaptation_interval` must be ≥ 1, got {adaptation_interval}.")
@@ -410,8 +492,8 @@ def kfac(
         previous = state.previous_update
         vectors = (proposal, previous) if momentum else (proposal,)
         q, value, loss_at = _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction)
-        dots = jnp.stack([jnp.stack([pre.tree_vdot(u, w) for w in vectors]) for u in vectors])
-        grad_dots = jnp.stack([pre.tree_vdot(grads, v) for v in vectors])
+        dots = jnp.stack([jnp.stack([optax.tree.vdot(u, w) for w in vectors]) for u in vectors])
+        grad_dots = jnp.stack([optax.tree.vdot(grads, v) for v in vectors])
         alpha, mu = quadratic_model_coefficients(q, grad_dots, dots, shift, state.count > 0)
         coef = jnp.stack([alpha, mu])[: len(vectors)]
         step = jax.tree.map(
@@ -422,9 +504,9 @@ def kfac(
         predicted = coef @ grad_dots + 0.5 * coef @ (q + l2 * dots) @ coef
 
         def adapt():
-            h_old = value + 0.5 * l2 * pre.tree_vdot(params, params)
+            h_old = value + 0.5 * l2 * optax.tree.vdot(params, params)
             moved = jax.tree.map(jnp.add, params, step)
-            h_new = loss_at(step) + 0.5 * l2 * pre.tree_vdot(moved, moved)
+            h_new = loss_at(step) + 0.5 * l2 * optax.tree.vdot(moved, moved)
             rho = (h_new - h_old) / predicted
             return levenberg_marquardt(lam, rho, omega, min_damping).astype(lam.dtype), rho.astype(
                 lam.dtype
@@ -439,70 +521,3 @@ def kfac(
         return step, new_state
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-kfac.__doc__ = f"""K-FAC with adaptive damping and the quadratic-model step size and momentum.
-
-    Each step (Martens & Grosse 2015, §6-7) with ``h = L + η/2 ||θ||²``:
-
-    .. math::
-        Δ = -\\breve F^{{-1}} ∇h, \\qquad δ = α Δ + μ δ_0, \\qquad
-        (α, μ) = \\operatorname*{{arg\\,min}}_{{α, μ}} \\; ∇h^⊤ δ + \\tfrac12 δ^⊤ \\big(G + (λ+η) I\\big) δ,
-
-    where ``F̆`` is the damped K-FAC approximation of :func:`scale_by_kfac` with ``c = λ + η``,
-    ``δ₀`` the previous update and ``G`` the exact GGN of ``L`` on the current batch, applied
-    through two Jacobian-vector products (a 2×2 linear system; ``μ = 0`` at the first step or with
-    ``momentum=False``). Every ``T₁ = adaptation_interval`` steps ``λ`` follows the
-    Levenberg-Marquardt rule
-
-    .. math::
-        ρ = \\frac{{h(θ + δ) - h(θ)}}{{∇h^⊤ δ + \\tfrac12 δ^⊤ (G + η I) δ}}, \\qquad
-        λ ← \\begin{{cases}} ω λ & ρ > 3/4 \\\\ λ / ω & ρ < 1/4 \\end{{cases}}, \\quad
-        ω = (\\text{{damping\\_decay}})^{{T_1}},
-
-    which costs one forward pass at ``θ + δ`` on the same batch; the denominator leaves out ``λ``
-    (the undamped model, as in Hessian-free optimisation). The returned update is ``δ`` itself
-    (already with its sign and step size): add it with ``optax.apply_updates``.
-    Simplifications: the factored Tikhonov damping uses ``γ = √(λ+η)`` directly (no separate
-    greedy search over ``γ``, §6.6), and with ``block="tridiagonal"`` the preconditioner keeps the
-    damping of its last refresh.
-
-    **Calling ``update``** (inside the caller's ``jax.jit``): ``batch=`` is always needed (for the
-    quadratic model and ``ρ``). *One pass*: ``update(grads, state, params, curvature=c,
-    batch=batch)`` with ``grads, c`` from ``curvjax.extract(..., ["kfac"], key=k)``
-    (``block="diagonal"``) or ``chain_factors(..., key=k)`` (``"tridiagonal"``). *Convenience*:
-    ``update(grads, state, params, batch=batch, key=k)``.
-
-    Args:{_ARGS.format(damping="initial ``λ > 0``.")}
-      momentum: solve for the momentum ``μ`` as well (else ``μ = 0``).
-      adapt_damping: apply the Levenberg-Marquardt rule (else ``λ`` stays fixed).
-      adaptation_interval: ``T₁``.
-      damping_decay: the per-step factor: ``λ`` is multiplied or divided by
-        ``ω = damping_decay^{{T₁}}`` per adaptation (the paper's ``(19/20)^{{T₁}}``).
-      min_damping: lower bound for ``λ``.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state :class:`KfacState`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from curvjax.optim import kfac
-      >>> from curvjax.optim import chain_factors
-      >>> apply_fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
-      >>> params = {{"w1": jnp.ones((4, 5)) / 4, "b1": jnp.zeros(5), "w2": jnp.ones((5, 3)) / 5}}
-      >>> batch = (jnp.linspace(-1, 1, 24).reshape(6, 4), jnp.arange(6) % 3)
-      >>> opt = kfac(apply_fn, batch[0], damping=1e-1, block="tridiagonal")
-      >>> @jax.jit
-      ... def step(params, state, batch, key):
-      ...     out = chain_factors(apply_fn, params, batch, key=key)  # one pass
-      ...     updates, state = opt.update(
-      ...         out["grad"], state, params, curvature=out["chain_factors"], batch=batch)
-      ...     return optax.apply_updates(params, updates), state
-      >>> params, state = step(params, opt.init(params), batch, jax.random.key(0))
-      >>> int(state.count)
-      1
-
-    References:
-      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
-      curvature", ICML 2015, §6.3-6.5 (damping), §7 (step size and momentum).
-    """

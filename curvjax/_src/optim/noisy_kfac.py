@@ -1,3 +1,4 @@
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """Noisy K-FAC / KFAC-VI: natural-gradient variational inference with Kronecker-factored posteriors.
 
 The variational posterior over the weights is ``q = N(μ, Σ)``; the mean ``μ`` is the parameter
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array, Int, PyTree
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
@@ -37,13 +39,16 @@ from curvjax._src.typing import LossLike
 class NoisyKfacState(NamedTuple):
     """State of :func:`scale_by_noisy_kfac`; the posterior mean ``μ`` is ``params`` itself."""
 
-    count: jax.Array  # [] int32: the number of updates done (t of eq. 6-14)
-    factors: Any  # params-shaped: per dense/conv kernel a KroneckerBlock (a [G, I, I], b [G, O, O];
-    # static index) holding the moving averages of eq. 9; per other float leaf a DiagonalBlock
-    # (diagonal shaped like the leaf); None for non-float leaves. Dtype of the parameters.
-    posterior: Any  # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot (a_vectors
-    # [G, I, I], b_vectors [G, O, O], std [G, I, O]) per kernel, a DiagonalRoot (std shaped like
-    # the leaf) per other float leaf, None for non-float leaves
+    # [] int32: the number of updates done (t of eq. 6-14)
+    count: Int[Array, ""]
+    # params-shaped, dtype of the parameters: per dense/conv kernel a KroneckerBlock (a [G, I, I],
+    # b [G, O, O]; static index) holding the moving averages of eq. 9; per other float leaf a
+    # DiagonalBlock (diagonal shaped like the leaf); None for non-float leaves
+    factors: PyTree
+    # params-shaped: Σ^{1/2} (eq. 12) from `factors`: a KroneckerRoot (a_vectors [G, I, I],
+    # b_vectors [G, O, O], std [G, I, O]) per kernel, a DiagonalRoot (std shaped like the leaf) per
+    # other float leaf, None for non-float leaves
+    posterior: PyTree
 
 
 def _is_float(x) -> bool:

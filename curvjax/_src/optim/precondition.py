@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from curvjax._src import blocks as blocks_lib
@@ -198,9 +196,3 @@ def precondition_by_curvature(
         return jax.tree.unflatten(treedef, directions), state
 
     return optax.GradientTransformationExtraArgs(init, update)
-
-
-def tree_vdot(x: Any, y: Any) -> jax.Array:
-    """``Σ_leaves <x, y>``."""
-    parts = [jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True)]
-    return sum(parts) if parts else jnp.zeros([])
