@@ -13,8 +13,7 @@ refresh step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from curvjax._src import extract as extract_lib
 from curvjax._src import taps as taps_lib
 from curvjax._src.optim import precondition as pre
 from curvjax._src.optim import tridiagonal
+from curvjax._src.typing import ApplyFn, LossLike
 
 BLOCK_KINDS = ("diagonal", "tridiagonal")
 
@@ -217,16 +217,16 @@ class _Core:
 
 
 def scale_by_kfac(
-    apply_fn: Callable,
-    example_inputs: Any,
+    apply_fn: ApplyFn,
+    example_inputs: PyTree,
     *,
-    damping=1e-3,
-    l2=0.0,
+    damping: float | Float[Array, ""] = 1e-3,
+    l2: float | Float[Array, ""] = 0.0,
     ema_decay: float = 0.95,
     inverse_interval: int = 10,
     block: str = "diagonal",
     quantity: str = "kfac",
-    loss="cross_entropy",
+    loss: LossLike = "cross_entropy",
     reduction: str = "mean",
     mc_samples: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -360,11 +360,11 @@ def levenberg_marquardt(damping, rho, omega, min_damping):
 
 
 def kfac(
-    apply_fn: Callable,
-    example_inputs: Any,
+    apply_fn: ApplyFn,
+    example_inputs: PyTree,
     *,
-    damping=1e-2,
-    l2=0.0,
+    damping: float | Float[Array, ""] = 1e-2,
+    l2: float | Float[Array, ""] = 0.0,
     ema_decay: float = 0.95,
     inverse_interval: int = 10,
     block: str = "diagonal",
@@ -374,7 +374,7 @@ def kfac(
     damping_decay: float = 0.95,
     min_damping: float = 1e-8,
     quantity: str = "kfac",
-    loss="cross_entropy",
+    loss: LossLike = "cross_entropy",
     reduction: str = "mean",
     mc_samples: int = 1,
 ) -> optax.GradientTransformationExtraArgs:

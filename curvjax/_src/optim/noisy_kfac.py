@@ -23,17 +23,17 @@ row-major ``vec`` of each ``X_g [I, O]``; results go back by gathering at ``inde
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
 from curvjax._src.blocks import DiagonalBlock
-from curvjax._src.typing import LossLike
+from curvjax._src.typing import ApplyFn, LossLike
 
 
 class NoisyKfacState(NamedTuple):
@@ -162,7 +162,9 @@ def _map_samples(fn, keys, sample_batch_size):
 # ---------------------------------------------------------------------------- public functions
 
 
-def noisy_kfac_sample(params, state, key, *, num_samples: int | None = None):
+def noisy_kfac_sample(
+    params: PyTree, state: PyTree, key: PRNGKeyArray, *, num_samples: int | None = None
+) -> PyTree:
     """Weight samples ``θ ~ N(μ, Σ)`` from the Noisy K-FAC posterior.
 
     For a kernel with factors ``A ⊗ B`` (eigendecompositions ``A = Q_A diag(a) Q_Aᵀ``,
@@ -223,16 +225,16 @@ def noisy_kfac_sample(params, state, key, *, num_samples: int | None = None):
 
 
 def noisy_kfac_predict(
-    apply_fn: Callable,
-    params,
-    state,
-    inputs,
-    key,
+    apply_fn: ApplyFn,
+    params: PyTree,
+    state: PyTree,
+    inputs: PyTree,
+    key: PRNGKeyArray,
     *,
     num_samples: int,
     link: Callable = jax.nn.softmax,
     sample_batch_size: int | None = None,
-):
+) -> Float[Array, "N C"]:
     """Monte-Carlo predictive: the mean of ``link(apply_fn(θ_s, inputs))`` over ``S`` samples.
 
     .. math::
@@ -285,8 +287,8 @@ def noisy_kfac_predict(
 
 
 def scale_by_noisy_kfac(
-    apply_fn: Callable,
-    example_inputs: Any,
+    apply_fn: ApplyFn,
+    example_inputs: PyTree,
     *,
     rho: float,
     damping: float,
@@ -470,8 +472,8 @@ def _float_mask(tree):
 
 
 def noisy_kfac(
-    apply_fn: Callable,
-    example_inputs: Any,
+    apply_fn: ApplyFn,
+    example_inputs: PyTree,
     *,
     learning_rate: optax.ScalarOrSchedule,
     rho: float,

@@ -1,15 +1,16 @@
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """Curvature-preconditioned gradient descent (Dangel et al. 2020, eq. 27-29) as an optax transform."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import optax
+from jaxtyping import Array, Float
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
 from curvjax._src import quantities
+from curvjax._src.typing import ApplyFn, LossLike
 
 QUANTITIES = quantities.curvature_names()
 
@@ -84,12 +85,12 @@ def compute_curvature(quantity, apply_fn, params, batch, key, *, loss, reduction
 
 
 def precondition_by_curvature(
-    damping=1e-3,
-    l2=0.0,
+    damping: float | Float[Array, ""] = 1e-3,
+    l2: float | Float[Array, ""] = 0.0,
     *,
     quantity: str | None = None,
-    apply_fn: Callable | None = None,
-    loss="cross_entropy",
+    apply_fn: ApplyFn | None = None,
+    loss: LossLike = "cross_entropy",
     reduction: str = "mean",
     mc_samples: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
