@@ -81,6 +81,11 @@ def _add(primitives, **facts) -> None:
         _TABLE[primitive] = PrimitiveInfo(name=primitive.name, **facts)
 
 
+def _recent(*attributes: str) -> list:
+    """Primitives of :mod:`jax.lax` that older or newer JAX versions may lack, by attribute name."""
+    return [getattr(lax, a) for a in attributes if hasattr(lax, a)]
+
+
 P = core_primitives
 
 # --- calls --------------------------------------------------------------------------------------
@@ -127,9 +132,9 @@ _add(
 _add([lax.gather_p], hessian=LINEAR, linear_tap=True, mixing=mixing.gather_rule)
 _add([lax.scatter_add_p, lax.scatter_sub_p], hessian=LINEAR, mixing=mixing.scatter_rule)
 _add([lax.concatenate_p], hessian=LINEAR, linear_tap=True, mixing=mixing.concatenate_rule)
-_add([lax.stack_p], hessian=LINEAR, linear_tap=True, mixing=mixing.stack_rule)
-_add([lax.tile_p], hessian=LINEAR, mixing=mixing.tile_rule)
-_add([lax.split_p], hessian=LINEAR, mixing=mixing.split_rule)
+_add(_recent("stack_p"), hessian=LINEAR, linear_tap=True, mixing=mixing.stack_rule)
+_add(_recent("tile_p"), hessian=LINEAR, mixing=mixing.tile_rule)
+_add(_recent("split_p"), hessian=LINEAR, mixing=mixing.split_rule)
 _add([lax.pad_p], hessian=LINEAR, linear_tap=True, mixing=mixing.pad_rule)
 _add([lax.select_n_p], hessian=LINEAR, linear_tap=True, elementwise=True, mixing=mixing.elementwise_rule)  # fmt: skip
 _add([lax.rev_p], hessian=LINEAR, mixing=mixing.rev_rule)
