@@ -175,19 +175,12 @@ def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", 
 def diagonal_operator(diagonal, params):
     """The diagonal matrix of a params-shaped ``diagonal`` (e.g. :func:`curvjax.ggn_diag`).
 
-    Its eigenvalues are the entries, its trace their sum.
+    Its eigenvalues are the entries, its trace their sum: :func:`blocks_operator` of one
+    :class:`curvjax.DiagonalBlock` per floating-point leaf.
     """
-    _, _, _, to_tree, from_tree = _flattening(params)
-    d = from_tree(diagonal)
-    return LinearOperator(
-        lambda v: d * v,
-        d.size,
-        d.dtype,
-        to_tree,
-        from_tree,
-        eigenvalues=lambda: jnp.sort(d),
-        trace=lambda: jnp.sum(d),
-    )
+    _, _, to_tree, from_tree = products.float_split(params)
+    blocks = to_tree([blocks_lib.DiagonalBlock(d) for d in from_tree(diagonal)])
+    return blocks_operator(blocks, params)
 
 
 def blocks_operator(blocks, params):
@@ -197,7 +190,7 @@ def blocks_operator(blocks, params):
     its eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
     """
     floats, flat, _, to_tree, from_tree = _flattening(params)
-    block_list = jax.tree.leaves(blocks, is_leaf=blocks_lib.is_block)
+    block_list = products.float_split(params)[3](blocks)  # one block per float leaf
     sizes = [int(jnp.size(x)) for x in floats]
     offsets = [0]
     for s in sizes:
