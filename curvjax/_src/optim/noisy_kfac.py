@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
 from curvjax._src.blocks import DiagonalBlock
+from curvjax._src.optim import precondition as pre
 from curvjax._src.typing import ApplyFn, LossLike
 
 
@@ -57,10 +58,6 @@ def _is_float(x) -> bool:
 
 def _is_node(x) -> bool:
     return x is None or blocks_lib.is_block(x)
-
-
-def _path_name(path) -> str:
-    return "params" + jax.tree_util.keystr(path)
 
 
 def find_state(state) -> NoisyKfacState:
@@ -133,7 +130,7 @@ def _mean_sample_axis(x, leaf_ndim: int):
 
 def _incoming_factor(path, leaf, factor, block):
     """The incoming curvature of one leaf in the layout of its factor, averaged over samples."""
-    name = _path_name(path)
+    name = pre.leaf_name(path)
     if factor is None:
         return None
     if block is None:
@@ -446,7 +443,7 @@ def scale_by_noisy_kfac(
                 continue
             if g is None:
                 raise ValueError(
-                    f"the gradient has no entry for the float leaf {_path_name(path)}."
+                    f"the gradient has no entry for the float leaf {pre.leaf_name(path)}."
                 )
             incoming = _incoming_factor(path, leaf, factor, block)
             g = _mean_sample_axis(g, leaf.ndim).astype(leaf.dtype)
