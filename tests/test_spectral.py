@@ -175,3 +175,69 @@ def test_density_integrates_to_one_and_covers_the_spectrum(digits_mlp, capsys):
     assert np.all(dens >= 0)
     assert grid[0] <= eig[0] and grid[-1] >= eig[-1]
     assert "4/4 probes" in capsys.readouterr().err
+
+
+def _counting(matrix):
+    """``v -> matrix @ v`` that appends to a list each time it runs (also inside ``lax`` loops)."""
+    calls = []
+
+    def matvec(v):
+        jax.debug.callback(lambda: calls.append(1))
+        return matrix @ v
+
+    return matvec, calls
+
+
+def test_lanczos_cost_follows_steps_and_reports_convergence():
+    rng = np.random.default_rng(7)
+    u, _ = np.linalg.qr(rng.normal(size=(400, 400)))
+    # Three well-separated top eigenvalues above a cluster: an easy problem for k = 3.
+    values = np.concatenate([[100.0, 50.0, 25.0], rng.uniform(-1.0, 1.0, 397)])
+    a = jnp.asarray(u @ np.diag(values) @ u.T)
+    exact = np.sort(values)[::-1][:3]
+    start = jnp.asarray(rng.normal(size=400))
+
+    matvec, calls = _counting(a)
+    top = jax.jit(
+        lambda s: spectral.lanczos_top_k(matvec, s, 3, max_steps=400, tol=1e-8, check_every=2)
+    )(start)
+    jax.effects_barrier()
+    assert int(top.num_matvecs) == len(calls)  # the count reported is the products made
+    assert len(calls) <= 40  # far below max_steps = 400: the loop stopped at convergence
+    assert top.converged.shape == (3,) and bool(top.converged.all())
+    np.testing.assert_allclose(top.eigenvalues, exact, rtol=1e-10)
+    np.testing.assert_allclose(
+        np.abs(np.asarray(top.eigenvectors) @ u[:, :3]), np.eye(3), atol=1e-6
+    )
+
+    # A budget too small for a uniform spectrum: every product used, not converged.
+    flat = jnp.asarray(u @ np.diag(np.linspace(1.0, 2.0, 400)) @ u.T)
+    matvec, calls = _counting(flat)
+    top = jax.jit(lambda s: spectral.lanczos_top_k(matvec, s, 3, max_steps=6, tol=1e-8))(start)
+    jax.effects_barrier()
+    assert int(top.num_matvecs) == len(calls) == 6
+    assert not bool(top.converged.all())
+
+    # An invariant subspace (four distinct eigenvalues) ends the tridiagonalisation early.
+    four = jnp.asarray(u @ np.diag(np.repeat([1.0, 2.0, 3.0, 4.0], 100)) @ u.T)
+    matvec, calls = _counting(four)
+    tri = jax.jit(lambda s: spectral.lanczos_tridiagonal(matvec, s, 50))(start)
+    jax.effects_barrier()
+    assert int(tri.steps) == len(calls) == 4
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(tri.matrix()))[-4:], [1, 2, 3, 4])
+
+
+def test_power_iteration_counts_products_and_reports_convergence():
+    a = jnp.diag(jnp.asarray([10.0, -5.0, 1.0, 0.5, 0.1]))
+    start = jnp.ones(5)
+    matvec, calls = _counting(a)
+    top = jax.jit(lambda s: spectral.power_iteration_top_k(matvec, s, 2, tol=1e-8))(start)
+    jax.effects_barrier()
+    assert int(top.num_matvecs) == len(calls) < 200
+    np.testing.assert_allclose(top.eigenvalues, [10.0, -5.0], rtol=1e-6)
+    assert bool(top.converged.all())
+    matvec, calls = _counting(a)
+    top = jax.jit(lambda s: spectral.power_iteration_top_k(matvec, s, 2, max_iters=3))(start)
+    jax.effects_barrier()
+    assert int(top.num_matvecs) == len(calls) == 6
+    assert not bool(top.converged.any())
