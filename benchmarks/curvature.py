@@ -361,6 +361,9 @@ def main(argv=None) -> int:
         args.problems,
         args.rows,
     )
+    document["command"] = "python benchmarks/curvature.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     if args.json is not None or not args.smoke:
         print(f"wrote {harness.write_results(document, args.json)}")
     for failure in document["failed_checks"]:

@@ -600,6 +600,9 @@ def main(argv=None) -> int:
         document = curvature.run(
             args.smoke, args.repeats, args.warmup, args.batch_size, args.threads, use_torch
         )
+        document["command"] = "python benchmarks/overhead.py " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
         failures += document["failed_checks"]
         if args.json is not None or not args.smoke:
             path = None if args.json is None else args.json.with_suffix(".curvature.json")
