@@ -33,10 +33,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
 } 2>&1 | tee "$OUT/device.log"
 
 # First order: 3c3d and the wide MLP, N = 64 (about 2 minutes).
-timeout 200 python3 benchmarks/overhead.py --part first --repeats 20 2>&1 | tee "$OUT/overhead.log"
+timeout 180 python3 benchmarks/overhead.py --part first --repeats 20 2>&1 | tee "$OUT/overhead.log"
 echo "overhead.py exit status ${PIPESTATUS[0]}" | tee -a "$OUT/device.log"
 
 # Second order: 3c3d with 10 and 100 classes, the sigmoid net (about 3 minutes).
-timeout 200 python3 benchmarks/curvature.py --repeats 20 2>&1 | tee "$OUT/curvature.log"
+timeout 180 python3 benchmarks/curvature.py --repeats 20 2>&1 | tee "$OUT/curvature.log"
 echo "curvature.py exit status ${PIPESTATUS[0]}" | tee -a "$OUT/device.log"
 ls -l "$OUT"
