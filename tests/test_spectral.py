@@ -241,3 +241,28 @@ def test_power_iteration_counts_products_and_reports_convergence():
     jax.effects_barrier()
     assert int(top.num_matvecs) == len(calls) == 6
     assert not bool(top.converged.any())
+
+
+def test_density_compiles_once_for_new_parameter_values(digits_mlp, monkeypatch):
+    from curvjax._src.spectral import estimators
+
+    apply_fn, params, batch, hess = digits_mlp
+    traces = []
+    slq_nodes = estimators.slq_nodes
+
+    def counted(*args, **kwargs):  # runs once per trace of the compiled batch
+        traces.append(1)
+        return slq_nodes(*args, **kwargs)
+
+    monkeypatch.setattr(estimators, "slq_nodes", counted)
+    options = dict(key=jax.random.key(6), num_probes=4, num_steps=30, probes_per_call=2)
+    first = spectral.density(spectral.hessian_operator(apply_fn, params, batch), **options)
+    assert len(traces) <= 1
+    traced = len(traces)
+    scaled = jax.tree.map(lambda p: 1.5 * p, params)
+    second = spectral.density(spectral.hessian_operator(apply_fn, scaled, batch), **options)
+    assert len(traces) == traced  # same structure, new values: no new trace
+    # ... and the new values are used: the grid covers the new Hessian's extreme eigenvalues.
+    eig = np.linalg.eigvalsh(np.asarray(reference.hessian_matrix(apply_fn, scaled, batch)))
+    assert second[0][0] <= eig[0] and second[0][-1] >= eig[-1]
+    assert not np.allclose(first[0], second[0])

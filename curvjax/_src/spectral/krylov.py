@@ -86,7 +86,7 @@ def _lanczos_step(matvec, blocks, q, i):
     ``q`` is carried rather than read back from ``blocks``: reading it there makes XLA copy the
     whole basis at every step.
     """
-    w = matvec(q)
+    w = matvec(q).astype(q.dtype)
     alpha = jnp.vdot(q, w)
     w = _orthogonalise_blocks(w, blocks, i + 1)
     beta = jnp.linalg.norm(w)
@@ -372,7 +372,7 @@ def power_iteration_top_k(
             v, lam, _, it = state
             v = project(v, found)
             v = v / jnp.linalg.norm(v)
-            hv = matvec(v)
+            hv = matvec(v).astype(v.dtype)
             new = jnp.vdot(v, hv)
             return hv / jnp.linalg.norm(hv), new, lam, it + 1
 
