@@ -47,7 +47,7 @@ def form(tap, acts, cots) -> bilinear.Form:
         padding=p["padding"],
         lhs_dilation=p["lhs_dilation"],
         rhs_dilation=p["rhs_dilation"],
-        precision=p["precision"],
+        precision=lax.Precision.HIGHEST,  # a selection: exact only without reduced-precision (TF32) products
     )  # [N, C_in * prod(window), *out_spatial]
     rank = patches.ndim
     patches = patches.transpose(0, *range(2, rank), 1)  # [N, *out_spatial, C_in * window]
