@@ -3,7 +3,9 @@
 Build an operator for the curvature (``hessian_operator``, ``ggn_operator``, ``fisher_operator``,
 ``empirical_fisher_operator``) or for an approximation (``diagonal_operator``, ``blocks_operator``
 with exact ``eigenvalues()`` and ``trace()``), then ask for ``top_eigenpairs``, ``trace`` or
-``density``. Everything but ``density`` (a host loop with progress) runs under ``jax.jit``.
+``density``. Everything but ``density`` (a host loop with progress, compiled once per operator
+structure) runs under ``jax.jit``. Iterative solvers cost the products they make and say so
+(``num_matvecs``), with a per-pair ``converged`` flag.
 
 Example:
   >>> import jax, jax.numpy as jnp, curvjax
@@ -13,8 +15,8 @@ Example:
   >>> batch = (jnp.arange(20.0).reshape(5, 4) / 20, jnp.array([0, 1, 2, 0, 1]))
   >>> op = spectral.hessian_operator(apply_fn, params, batch)
   >>> top = spectral.top_eigenpairs(op, k=2, key=jax.random.key(0))
-  >>> top.eigenvalues.shape, int(top.num_matvecs) <= 42
-  ((2,), True)
+  >>> top.eigenvalues.shape, int(top.num_matvecs) <= 42, bool(top.converged.all())
+  ((2,), True, True)
 """
 
 from curvjax._src.spectral.api import top_eigenpairs, trace
