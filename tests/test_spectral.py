@@ -217,6 +217,8 @@ def test_lanczos_cost_follows_steps_and_reports_convergence():
     jax.effects_barrier()
     assert int(top.num_matvecs) == len(calls) == 6
     assert not bool(top.converged.all())
+    with pytest.raises(ValueError, match="max_steps=2"):
+        spectral.lanczos_top_k(matvec, start, 3, max_steps=2)
 
     # An invariant subspace (four distinct eigenvalues) ends the tridiagonalisation early.
     four = jnp.asarray(u @ np.diag(np.repeat([1.0, 2.0, 3.0, 4.0], 100)) @ u.T)

@@ -273,6 +273,11 @@ def lanczos_top_k(
     """
     size = start.shape[0]
     m = min(max_steps, size)
+    if k > m:
+        raise ValueError(
+            f"k={k} eigenpairs need at least k Lanczos steps, but max_steps={max_steps} and the "
+            f"operator has size {size}: lower k or raise max_steps (max_matvecs)."
+        )
     dtype = start.dtype
     sizes = _bucket_sizes(m, k)
 
