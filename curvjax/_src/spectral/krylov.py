@@ -3,8 +3,8 @@
 
 Both run as ``lax`` loops under ``jax.jit`` and report the number of matrix-vector products used.
 Their cost follows the steps taken, not the bound on them: the Lanczos basis is stored in blocks of
-rows and each step reorthogonalises only against the blocks filled so far, and the Ritz problem is
-solved every few steps on the smallest of a few preset sizes that holds the steps taken.
+rows and each step reorthogonalises against at most twice the blocks filled so far, and the Ritz
+problem is solved every few steps on the smallest of a few preset sizes that holds the steps taken.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-#: Rows per block of the Lanczos basis: a step reorthogonalises against ``⌈(i + 1) / 16⌉`` blocks.
+#: Rows per block of the Lanczos basis: step ``i`` reorthogonalises against the first ``n`` blocks,
+#: ``n`` the smallest power of two (or all blocks) with ``16 n ≥ i + 1``.
 _BLOCK = 16
 
 Matvec = Callable[[Float[Array, " D"]], Float[Array, " D"]]
