@@ -116,6 +116,26 @@ def _broke(diag, offdiag, steps, size):
     return (steps > 0) & (offdiag[last] <= 10 * jnp.finfo(diag.dtype).eps * size**0.5 * scale)
 
 
+def _lanczos_loop(matvec, start, m: int, go_on):
+    """Lanczos steps while ``i < m`` and ``go_on(diag, offdiag, i)``: ``(blocks, diag, offdiag,
+    steps)``."""
+    dtype = start.dtype
+
+    def cond(state):
+        _, _, diag, offdiag, i = state
+        return (i < m) & go_on(diag, offdiag, i)
+
+    def body(state):
+        blocks, q, diag, offdiag, i = state
+        blocks, q, alpha, beta = _lanczos_step(matvec, blocks, q, i)
+        return blocks, q, diag.at[i].set(alpha), offdiag.at[i].set(beta), i + 1
+
+    blocks = _empty_basis(start, m)
+    init = (blocks, blocks[0, 0], jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.asarray(0))
+    blocks, _, diag, offdiag, steps = jax.lax.while_loop(cond, body, init)
+    return blocks, diag, offdiag, steps
+
+
 def lanczos_tridiagonal(matvec: Matvec, start: Float[Array, " D"], num_steps: int) -> Tridiagonal:
     """``num_steps`` Lanczos steps from ``start`` with full reorthogonalisation.
 
@@ -152,21 +172,10 @@ def lanczos_tridiagonal(matvec: Matvec, start: Float[Array, " D"], num_steps: in
       differential and integral operators", 1950; Parlett, *The Symmetric Eigenvalue Problem*,
       1998, ch. 13.
     """
-    dtype = start.dtype
     m = num_steps
-
-    def cond(state):
-        _, _, diag, offdiag, i = state
-        return (i < m) & ~_broke(diag, offdiag, i, start.shape[0])
-
-    def body(state):
-        blocks, q, diag, offdiag, i = state
-        blocks, q, alpha, beta = _lanczos_step(matvec, blocks, q, i)
-        return blocks, q, diag.at[i].set(alpha), offdiag.at[i].set(beta), i + 1
-
-    blocks = _empty_basis(start, m)
-    init = (blocks, blocks[0, 0], jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.asarray(0))
-    blocks, _, diag, offdiag, steps = jax.lax.while_loop(cond, body, init)
+    blocks, diag, offdiag, steps = _lanczos_loop(
+        matvec, start, m, lambda diag, offdiag, i: ~_broke(diag, offdiag, i, start.shape[0])
+    )
     basis = blocks.reshape(-1, start.shape[0])[:m]
     # After a breakdown the last vector written is not part of the basis.
     basis = jnp.where((jnp.arange(m) < steps)[:, None], basis, 0.0)
@@ -287,23 +296,15 @@ def lanczos_top_k(
         ok = residual <= tol * jnp.maximum(jnp.abs(theta), jnp.finfo(dtype).tiny)
         return (ok | broke) & (jnp.arange(k) < i)
 
-    def cond(state):
-        _, _, diag, offdiag, i = state
+    def go_on(diag, offdiag, i):
         broke = _broke(diag, offdiag, i, size)
         check = (i >= k) & ((i - k) % check_every == 0) & ~broke
         done = jax.lax.cond(
             check, lambda: jnp.all(converged(diag, offdiag, i, broke)), lambda: jnp.asarray(False)
         )
-        return (i < m) & ~broke & ~done
+        return ~broke & ~done
 
-    def body(state):
-        blocks, q, diag, offdiag, i = state
-        blocks, q, alpha, beta = _lanczos_step(matvec, blocks, q, i)
-        return blocks, q, diag.at[i].set(alpha), offdiag.at[i].set(beta), i + 1
-
-    blocks = _empty_basis(start, m)
-    init = (blocks, blocks[0, 0], jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.asarray(0))
-    blocks, _, diag, offdiag, steps = jax.lax.while_loop(cond, body, init)
+    blocks, diag, offdiag, steps = _lanczos_loop(matvec, start, m, go_on)
     theta, s, _ = _ritz(diag, offdiag, steps, k, sizes)
     ok = converged(diag, offdiag, steps, _broke(diag, offdiag, steps, size))
     # y_j = Σ_i s_{i,j} q_i over the filled blocks only.
