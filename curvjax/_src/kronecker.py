@@ -131,7 +131,7 @@ def kfra_of(p: backprop.Pass, parts: dict | None = None) -> list:
     if parts is None:
         parts = p.reduce_columns(lambda c, w: additive_parts(p, c), diagonals.ggn_columns(p))
     n = p.model.num_examples
-    fast = leafwise.fast_taps(p)
+    fast = leafwise.fast_taps_of(p.model)
     leaf_of = {tap.id: k for k, tap in fast.items()}
     b_bar = {kernels[-1].id: parts["b"][leaf_of[kernels[-1].id]]}
     dtype = p.outputs.dtype

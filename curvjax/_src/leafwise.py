@@ -32,14 +32,15 @@ def fast_tap_of(model, k: int):
     return None
 
 
+def fast_taps_of(model) -> dict:
+    """Float leaf index -> the single tap with a fast rule that consumes it through a relayout."""
+    fast = {k: fast_tap_of(model, k) for k in range(len(model.float_index))}
+    return {k: tap for k, tap in fast.items() if tap is not None}
+
+
 def _split_leaves(p: Pass) -> tuple[dict, list[int]]:
-    fast, slow = {}, []
-    for k in range(len(p.model.float_index)):
-        tap = fast_tap_of(p.model, k)
-        if tap is not None:
-            fast[k] = tap
-        elif p.model.taps_of_leaf[k]:
-            slow.append(k)
+    fast = fast_taps_of(p.model)
+    slow = [k for k in range(len(p.model.float_index)) if k not in fast and p.model.taps_of_leaf[k]]
     return fast, slow
 
 
@@ -50,11 +51,7 @@ def block_layout(model, leaf_ndims) -> tuple[dict, list[int], list[int]]:
     at most one dimension that some tap consumes (biases, normalisation scales); diagonal: the
     rest (embeddings, tied or transformed weights, leaves no tap consumes).
     """
-    fast = {}
-    for k in range(len(model.float_index)):
-        tap = fast_tap_of(model, k)
-        if tap is not None:
-            fast[k] = tap
+    fast = fast_taps_of(model)
     rest = [k for k in range(len(model.float_index)) if k not in fast]
     full = [k for k in rest if leaf_ndims[k] <= 1 and model.taps_of_leaf[k]]
     diag = [k for k in rest if k not in full]
@@ -201,11 +198,6 @@ def outer_sum(p: Pass, cols: dict, leaf_ids: list[int]) -> list:
     chunk = chunking.chunk_size(n, _slow_size(p, leaf_ids, m))
     slow_cols = {t: c for t, c in cols.items() if t in acts}
     return chunking.chunked_sum(outers, (acts, slow_cols), chunk)
-
-
-def fast_taps(p: Pass) -> dict:
-    """Leaf index -> the single bilinear tap that consumes it through a relayout."""
-    return _split_leaves(p)[0]
 
 
 def canonical_index(p: Pass, tap, k: int, form) -> np.ndarray:

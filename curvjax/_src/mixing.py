@@ -67,20 +67,24 @@ class _Context:
 
     def unknown(self, eqn: JaxprEqn) -> None:
         """Record an equation of a primitive without a mixing rule that receives batched data."""
-        where = _where(eqn) or self.where or "unknown source line"
+        where = source_line(eqn) or self.where or "unknown source line"
         self.unknown_lines.append(f"`{eqn.primitive.name}` ({where})")
 
     def report(self, eqn: JaxprEqn, what: str) -> None:
         scope = "/".join(p for p in (self.scope, str(eqn.source_info.name_stack)) if p)
-        where = _where(eqn) or self.where or "unknown source line"
+        where = source_line(eqn) or self.where or "unknown source line"
         self.reports.append(
             f"`{eqn.primitive.name}` {what}" + (f" in {scope}" if scope else "") + f" ({where})"
         )
 
 
-def _where(eqn: JaxprEqn) -> str:
-    where = source_info_util.summarize(eqn.source_info)
-    return "" if where in ("", "<unknown>") else where
+def source_line(eqn: JaxprEqn) -> str:
+    """The user's source line of an equation (``""`` when unknown)."""
+    try:
+        line = source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - best effort only
+        return ""
+    return "" if line in ("", "<unknown>") else line
 
 
 # ----------------------------------------------------------------------------- stride helpers
@@ -456,7 +460,7 @@ def _inner(ctx, eqn, jaxpr, ins):
     """Propagate through a nested jaxpr; its reports fall back to ``eqn``'s scope and line."""
     saved = ctx.scope, ctx.where
     ctx.scope = "/".join(p for p in (ctx.scope, str(eqn.source_info.name_stack)) if p)
-    ctx.where = _where(eqn) or ctx.where
+    ctx.where = source_line(eqn) or ctx.where
     try:
         if isinstance(jaxpr, ClosedJaxpr):
             jaxpr = jaxpr.jaxpr

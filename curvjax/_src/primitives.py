@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from jax import lax
-from jax.extend import source_info_util
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Primitive
 from jax.extend.core import primitives as core_primitives
 
@@ -242,11 +241,6 @@ _ADDITIONS = frozenset({lax.add_p, core_primitives.add_jaxvals_p})
 def is_addition(eqn) -> bool:
     """Whether ``eqn`` adds its operands (a bias added to a layer's output)."""
     return eqn.primitive in _ADDITIONS
-
-
-def known(primitive) -> bool:
-    """Whether ``primitive`` has an entry (built in or registered)."""
-    return primitive in _TABLE or primitive in _USER
 
 
 def function_key(fn) -> str:
@@ -460,15 +454,9 @@ def bind(eqn, invals: Sequence[Any]) -> list[Any]:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def where(eqn) -> str:
-    """The user's source line of an equation (``""`` when unknown)."""
-    try:
-        line = source_info_util.summarize(eqn.source_info)
-    except Exception:  # pragma: no cover - best effort only
-        return ""
-    return "" if line in ("", "<unknown>") else line
+where = mixing.source_line
 
 
-def describe(eqn) -> str:
-    """``primitive at file:line`` for messages."""
-    return f"`{eqn.primitive.name}` at {where(eqn) or 'unknown location'}"
+def describe(eqn, fallback: str = "") -> str:
+    """``primitive at file:line`` for messages (``fallback``: the line of an enclosing call)."""
+    return f"`{eqn.primitive.name}` at {where(eqn) or fallback or 'unknown location'}"

@@ -231,7 +231,7 @@ def _activation_step(eqn, deps, sub, found: _Found):
         node = Node(len(found.nodes), eqn, tuple(float_acts), statics)
         found.nodes.append(node)
         return ("node", node), None
-    found.unsupported.append(_describe(eqn, found.where))
+    found.unsupported.append(primitives.describe(eqn, found.where))
     return ("act", None), None
 
 
@@ -254,10 +254,6 @@ def _static_dep(eqn, deps: list[_Dep]) -> _Dep:
     return _Dep(STATIC_PARAM, leaves, chain, linear)
 
 
-def _describe(eqn, fallback: str) -> str:
-    return f"`{eqn.primitive.name}` at {primitives.where(eqn) or fallback or 'unknown location'}"
-
-
 def _make_tap(index: int, eqn, deps: list[_Dep], fallback: str = "") -> Tap:
     acts = tuple(i for i, d in enumerate(deps) if d.kind == ACTIVATION)
     statics = tuple(i for i, d in enumerate(deps) if d.kind != ACTIVATION)
@@ -266,7 +262,7 @@ def _make_tap(index: int, eqn, deps: list[_Dep], fallback: str = "") -> Tap:
     chain = deps[params[0]].chain_leaf if len(params) == 1 else None
     act_leaves = frozenset().union(*(deps[i].leaves for i in acts))
     frontier = frozenset().union(*(deps[i].frontier for i in acts))
-    where = _describe(eqn, fallback)
+    where = primitives.describe(eqn, fallback)
     issue = None
     if not primitives.lookup(eqn).linear_tap:
         issue = f"{where} is not linear in its parameter and activation inputs"
