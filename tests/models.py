@@ -555,6 +555,91 @@ def equinox_conv(name):
 
 
 # ---------------------------------------------------------------------------------------------
+# a language model (not in CASES: its outputs are [N, T, V], one row of logits per position)
+
+
+class EqxLMBlock(eqx.Module):
+    """equinox twin of a pre-LN transformer block on one sequence ``[T, d]``: ``x + attn(ln(x))``
+    (causal multi-head, plain jnp), then ``x + mlp(ln(x))`` (GELU, tanh form)."""
+
+    norm_attention: eqx.nn.LayerNorm
+    qkv: eqx.nn.Linear
+    attention_out: eqx.nn.Linear
+    norm_mlp: eqx.nn.LayerNorm
+    mlp_in: eqx.nn.Linear
+    mlp_out: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, width, num_heads, mlp_ratio, key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        self.norm_attention = eqx.nn.LayerNorm(width, eps=1e-6)
+        self.qkv = eqx.nn.Linear(width, 3 * width, key=k1)
+        self.attention_out = eqx.nn.Linear(width, width, key=k2)
+        self.norm_mlp = eqx.nn.LayerNorm(width, eps=1e-6)
+        self.mlp_in = eqx.nn.Linear(width, mlp_ratio * width, key=k3)
+        self.mlp_out = eqx.nn.Linear(mlp_ratio * width, width, key=k4)
+        self.num_heads = num_heads
+
+    def __call__(self, x):  # x: [T, d]
+        length, width = x.shape
+        heads = self.num_heads
+        qkv = jax.vmap(self.qkv)(jax.vmap(self.norm_attention)(x))
+        qkv = jnp.reshape(qkv, (length, 3, heads, width // heads))
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        scores = jnp.einsum("thd,shd->hts", q, k) / np.sqrt(width // heads)
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        scores = jnp.where(causal[None], scores, jnp.finfo(scores.dtype).min)
+        attended = jnp.einsum("hts,shd->thd", jax.nn.softmax(scores, axis=-1), v)
+        x = x + jax.vmap(self.attention_out)(jnp.reshape(attended, (length, width)))
+        h = jax.nn.gelu(jax.vmap(self.mlp_in)(jax.vmap(self.norm_mlp)(x)))
+        return x + jax.vmap(self.mlp_out)(h)
+
+
+class EqxLM(eqx.Module):
+    """equinox decoder-only LM on one sequence: ``tokens [T] -> logits [T, V]``; token plus
+    learned position embeddings, pre-LN blocks, final LayerNorm, tied output embedding
+    (``logits = h Eᵀ``)."""
+
+    embed: eqx.nn.Embedding
+    positions: jax.Array  # [max_len, d]
+    blocks: list
+    norm_final: eqx.nn.LayerNorm
+
+    def __init__(self, vocab_size, width, num_heads, num_layers, max_len, mlp_ratio, key):
+        keys = jax.random.split(key, num_layers + 2)
+        self.embed = eqx.nn.Embedding(vocab_size, width, key=keys[0])
+        self.positions = 0.02 * jax.random.normal(keys[1], (max_len, width))
+        self.blocks = [EqxLMBlock(width, num_heads, mlp_ratio, key=k) for k in keys[2:]]
+        self.norm_final = eqx.nn.LayerNorm(width, eps=1e-6)
+
+    def __call__(self, tokens):  # tokens: [T] int
+        x = self.embed.weight[tokens] + self.positions[: tokens.shape[0]]
+        for block in self.blocks:
+            x = block(x)
+        return jax.vmap(self.norm_final)(x) @ self.embed.weight.T
+
+
+def equinox_lm(
+    vocab_size=16, width=16, num_heads=2, num_layers=1, max_len=8, mlp_ratio=4, name="equinox_lm"
+):
+    """``(apply_fn, params)`` of :class:`EqxLM` vmapped over the batch: ``apply_fn(params,
+    tokens [N, T]) -> logits [N, T, V]`` (``T <= max_len``); float64 params from :func:`fill`
+    (weights ``[out, in]``)."""
+    model = eqx.filter_eval_shape(
+        lambda: EqxLM(
+            vocab_size, width, num_heads, num_layers, max_len, mlp_ratio, key=jax.random.key(0)
+        )
+    )
+    params, static = eqx.partition(model, _is_shape)
+    params = fill(name, params, out_axis=0)
+
+    def apply_fn(p, tokens):
+        return jax.vmap(eqx.combine(p, static))(tokens)
+
+    return apply_fn, params
+
+
+# ---------------------------------------------------------------------------------------------
 # plain jnp
 
 
