@@ -18,18 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvjax._src import chunking, mixing
-from curvjax._src import losses as losses_lib
+from curvjax._src import chunking, mixing, positions
 from curvjax._src import taps as taps_lib
 
 
 class Pass(NamedTuple):
     model: taps_lib.TracedModel
     params: Any
-    loss_fn: losses_lib.Loss
-    scale: float  # κ
-    outputs: jax.Array  # [N, C]
-    targets: Any
+    objective: positions.Objective  # the per-position loss, weights, targets and κ
+    outputs: jax.Array  # [N, *P, C]
     loss: jax.Array  # scalar L = κ Σ_n ℓ_n
     grad: list  # ∇L, one array per float leaf
     statics: dict  # tap id -> values of the tap's static inputs
@@ -45,7 +42,7 @@ class Pass(NamedTuple):
         """Tap cotangents for ``M`` vectors per example: tap id -> ``[N, M, *shape]``.
 
         Args:
-          columns: ``[N, M, C]`` cotangents of the model outputs.
+          columns: ``[N, M, *P, C]`` cotangents of the model outputs.
           probe_columns: optional, node id -> cotangents ``[N, M, *shape]`` of the node inputs.
           output_columns: optional, tap id -> cotangents ``[N, M, *shape]`` of tap outputs.
         """
@@ -54,7 +51,7 @@ class Pass(NamedTuple):
         )
         probes = zeros(self.probes) if probe_columns is None else _columns_first(probe_columns)
         outs = zeros(self.tap_outputs) if output_columns is None else _columns_first(output_columns)
-        (_, eps_cots) = jax.vmap(self.vjp_fn)((columns.transpose(1, 0, 2), probes, outs))
+        (_, eps_cots) = jax.vmap(self.vjp_fn)((jnp.moveaxis(columns, 1, 0), probes, outs))
         return {tap.id: _columns_second(eps_cots[("tap", tap.id)]) for tap in self.model.taps}
 
     def columns_of_gradient(self) -> dict:
@@ -70,7 +67,7 @@ class Pass(NamedTuple):
 
         Args:
           fn: ``(tap id -> [N, m, *shape], weights [N, m]) -> pytree``, additive over vectors.
-          columns: ``[N, M, C]`` output cotangents.
+          columns: ``[N, M, *P, C]`` output cotangents.
           weights: ``[N, M]`` (default ones), passed through to ``fn``.
           probe_columns, output_columns: as for :meth:`backpropagate`.
         """
@@ -122,16 +119,6 @@ def _check_finite(name: str, tree) -> None:
             )
 
 
-def validate_batch(batch) -> tuple[Any, Any]:
-    if not isinstance(batch, tuple | list) or len(batch) != 2:
-        raise ValueError(
-            f"`batch` must be a pair (inputs, targets), got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
-            + "."
-        )
-    return batch[0], batch[1]
-
-
 def run(
     apply_fn,
     params,
@@ -148,22 +135,12 @@ def run(
     ``output_taps`` (tap ids, or a function of the traced model returning them) makes the outputs
     of those taps injectable (for KFRA).
     """
-    inputs, targets = validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
+    inputs, targets, weights = positions.split_batch(batch)
     model = taps_lib.TracedModel(apply_fn, params, inputs, residuals=residuals)
     mixing.check_no_batch_mixing(apply_fn, params, inputs)
     n = model.num_examples
-    scale = losses_lib.reduction_scale(reduction, n)
-    target_leaves = jax.tree.leaves(targets)
-    for leaf in target_leaves:
-        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != n:
-            raise ValueError(
-                f"the targets' leading axis must be the batch size N = {n} of the inputs, "
-                f"got targets of shape {jnp.shape(leaf)}."
-            )
-    if loss_fn.check_targets is not None and all(_is_concrete(t) for t in target_leaves):
-        out_struct = jax.ShapeDtypeStruct((n, model.out_aval.shape[1]), model.out_aval.dtype)
-        loss_fn.check_targets(out_struct, targets)
+    out_struct = jax.ShapeDtypeStruct((n, *model.out_aval.shape[1:]), model.out_aval.dtype)
+    objective = positions.objective(loss, reduction, out_struct, targets, weights)
     _check_finite("inputs", inputs)
     _check_finite("targets", targets)
     _check_finite("params", params)
@@ -178,19 +155,16 @@ def run(
 
     eps = model.zero_perturbations()
     (outputs, probes, tap_outputs), vjp_fn, acts = jax.vjp(forward, float_leaves, eps, has_aux=True)
-    per_example = jax.vmap(loss_fn.value)(outputs, targets)
-    total = scale * jnp.sum(per_example)
-    out_cot = (scale * jax.vmap(loss_fn.output_grad)(outputs, targets)).astype(outputs.dtype)
+    total = objective.value(outputs)
+    out_cot = objective.output_grads(outputs)
     zero = functools.partial(jax.tree.map, jnp.zeros_like)
     grad, eps_cots = vjp_fn((out_cot, zero(probes), zero(tap_outputs)))
     statics = model.static_values(model.merge(params, float_leaves))
     return Pass(
         model=model,
         params=params,
-        loss_fn=loss_fn,
-        scale=scale,
+        objective=objective,
         outputs=outputs,
-        targets=targets,
         loss=total,
         grad=grad,
         statics={t.id: statics[("tap", t.id)] for t in model.taps},

@@ -10,21 +10,13 @@ from curvjax._src import taps as taps_lib
 
 
 def ggn_columns(p: backprop.Pass) -> jax.Array:
-    """``√κ S_n`` as output cotangents ``[N, K, C]`` (``S_n S_nᵀ = ∇²_f ℓ_n``)."""
-    factors = jax.vmap(p.loss_fn.hessian_factor)(p.outputs, p.targets)  # [N, C, K]
-    return jnp.sqrt(p.scale) * jnp.swapaxes(factors, 1, 2).astype(p.outputs.dtype)
+    """``√κ S_n`` as output cotangents ``[N, K, *P, C]`` (``S_n S_nᵀ = ∇²_f ℓ_n``)."""
+    return p.objective.factor_columns(p.outputs)
 
 
 def mc_columns(p: backprop.Pass, key, mc_samples: int) -> jax.Array:
-    """``√κ S̃_n`` with ``M`` sampled columns ``[N, M, C]`` (``E[S̃ S̃ᵀ] = ∇²_f ℓ_n``)."""
-    if key is None:
-        raise ValueError("Monte-Carlo quantities need `key=jax.random.key(...)`.")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
-    keys = jax.random.split(key, p.model.num_examples)
-    sample = lambda k, f: p.loss_fn.mc_factor(k, f, mc_samples)  # noqa: E731
-    factors = jax.vmap(sample)(keys, p.outputs)  # [N, C, M]
-    return jnp.sqrt(p.scale) * jnp.swapaxes(factors, 1, 2).astype(p.outputs.dtype)
+    """``√κ S̃_n`` with ``M`` sampled columns ``[N, M, *P, C]`` (``E[S̃ S̃ᵀ] = ∇²_f ℓ_n``)."""
+    return p.objective.mc_columns(key, p.outputs, mc_samples)
 
 
 # --- exact Hessian diagonal -----------------------------------------------------------------
@@ -95,7 +87,7 @@ def _check_exact(p: backprop.Pass) -> None:
 def hessian_diag_of(p: backprop.Pass) -> list:
     """Exact ``diag(∇²L)`` from a pass recorded with ``residuals=True``."""
     _check_exact(p)
-    s_cols = ggn_columns(p)  # [N, K, C]
+    s_cols = ggn_columns(p)  # [N, K, *P, C]
     n = s_cols.shape[0]
     out_parts, probe_parts, weight_parts = [s_cols], [], [jnp.ones(s_cols.shape[:2], s_cols.dtype)]
     zero_probes = {
@@ -107,7 +99,7 @@ def hessian_diag_of(p: backprop.Pass) -> list:
         fn = lambda u, dl, node=node: _node_columns(node, p.node_statics[node.id], u, dl[0])  # noqa: E731
         cols, weights = jax.vmap(fn)(p.probes[node.id], p.node_cots[node.id])
         m = weights.shape[1]
-        out_parts.append(jnp.zeros((n, m, s_cols.shape[2]), s_cols.dtype))
+        out_parts.append(jnp.zeros((n, m, *s_cols.shape[2:]), s_cols.dtype))
         probe_parts.append(
             {
                 q.id: (

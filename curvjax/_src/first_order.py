@@ -42,9 +42,8 @@ def grad(
       >>> jax.jit(curvjax.grad, static_argnums=0)(apply_fn, params, batch)["w"].shape
       (4, 3)
     """
-    _, _, _, floats, _, reduced, to_tree, _ = products.whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
+    w = products.whole_batch(apply_fn, params, batch, loss, reduction)
+    floats, reduced, to_tree = w.floats, w.reduced, w.to_tree
     return to_tree(jax.grad(reduced)(floats))
 
 

@@ -145,7 +145,7 @@ def kfra_of(p: backprop.Pass, parts: dict | None = None) -> list:
             t: (injected if t == above.id else jnp.zeros((n, d, *v[0].shape[1:]), dtype),)
             for t, v in p.tap_outputs.items()
         }
-        columns = jnp.zeros((n, d, p.outputs.shape[1]), dtype)
+        columns = jnp.zeros((n, d, *p.outputs.shape[1:]), dtype)
 
         def propagated(cols, w, below=below):
             b = cols[below.id][0].reshape(n, cols[below.id][0].shape[1], -1)

@@ -506,8 +506,8 @@ class _GaussianNLL(Loss):
           = \\mathrm{diag}(e^{-s_1}, …, e^{-s_D}, ½, …, ½) = S S^⊤ ,
 
     so the GGN quantities of this loss (``ggn_diag``, ``kflr``, ``ggn_vp``, …) are the
-    Fisher-type GGN ``Σ Jᵀ F J`` (the expected Hessian of the loss; Kendall & Gal 2017,
-    Immer et al. 2023). The Monte-Carlo columns ``∇_f ℓ(f, ŷ) = (−z e^{−s/2}, ½(1 − z²))``,
+    Fisher-type GGN ``Σ Jᵀ F J``: the expected loss Hessian, which is the Fisher information of
+    the model's predictive with respect to the parameters. The Monte-Carlo columns ``∇_f ℓ(f, ŷ) = (−z e^{−s/2}, ½(1 − z²))``,
     ``ŷ = μ + e^{s/2} z``, ``z ~ N(0, I)``, are unbiased for ``F``. Quantities of the exact
     Hessian use :meth:`signed_hessian_factor`, the exact signed factorisation
     ``e^{−s}(1, r)(1, r)ᵀ − ½ r² e^{−s} e_s e_sᵀ``.
@@ -521,6 +521,12 @@ class _GaussianNLL(Loss):
       >>> s = loss.hessian_factor(f, jnp.array([1.0]))
       >>> jnp.round(s @ s.T, 4).tolist()  # the Fisher diag(e^{-s}, ½)
       [[1.0, 0.0], [0.0, 0.5]]
+
+    References:
+      Kendall & Gal, "What uncertainties do we need in Bayesian deep learning for computer
+      vision?", NeurIPS 2017 (the mean and log-variance outputs).
+      Martens, "New insights and perspectives on the natural gradient method", JMLR 2020, §9
+      (the GGN and the Fisher).
     """
 
 

@@ -8,13 +8,15 @@ on the floating-point leaves of ``params`` (in ``jax.tree.leaves`` order, each r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jaxtyping import PyTree
 
-from curvjax._src import backprop
-from curvjax._src import losses as losses_lib
+from curvjax._src import positions
 from curvjax._src.typing import ApplyFn, Batch, LossLike, ParamsLike
 
 
@@ -46,24 +48,44 @@ def float_split(params):
     return floats, merge, to_tree, from_tree
 
 
-def whole_batch(apply_fn: ApplyFn, params: PyTree, batch: Batch, loss, reduction):
-    """The reduced loss of the whole batch as a function of the float leaves, and helpers.
+class WholeBatch(NamedTuple):
+    """The reduced loss of a whole batch as a function of the float leaves, and helpers.
 
-    Returns ``(loss_fn, κ, targets, float leaves, outputs(fl), reduced(fl), to_tree, from_tree)``.
+    Attributes:
+      objective: the batch's :class:`~curvjax._src.positions.Objective` (loss, κ, weights).
+      floats: the float leaves of ``params``.
+      outputs: ``outputs(fl) -> [N, *P, C]``.
+      reduced: ``reduced(fl) -> L``.
+      to_tree, from_tree: as returned by :func:`float_split`.
     """
-    inputs, targets = backprop.validate_batch(batch)
-    loss_fn = losses_lib.resolve(loss)
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    scale = losses_lib.reduction_scale(reduction, n)
+
+    objective: positions.Objective
+    floats: list
+    outputs: Callable
+    reduced: Callable
+    to_tree: Callable
+    from_tree: Callable
+
+
+def whole_batch(apply_fn: ApplyFn, params: PyTree, batch: Batch, loss, reduction) -> WholeBatch:
+    """The :class:`WholeBatch` of ``batch`` (targets and weights checked against the outputs)."""
+    inputs, targets, weights = positions.split_batch(batch)
     floats, merge, to_tree, from_tree = float_split(params)
+    out_struct = jax.eval_shape(apply_fn, params, inputs)
+    if not isinstance(out_struct, jax.ShapeDtypeStruct):
+        raise ValueError(
+            "apply_fn(params, inputs) must return one array of shape [N, C] or "
+            f"[N, *positions, C], got {jax.tree.map(lambda s: s.shape, out_struct)}."
+        )
+    objective = positions.objective(loss, reduction, out_struct, targets, weights)
 
     def outputs(fl):
         return apply_fn(merge(fl), inputs)
 
     def reduced(fl):
-        return scale * jnp.sum(jax.vmap(loss_fn.value)(outputs(fl), targets))
+        return objective.value(outputs(fl))
 
-    return loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree
+    return WholeBatch(objective, floats, outputs, reduced, to_tree, from_tree)
 
 
 def hvp(
@@ -99,10 +121,8 @@ def hvp(
       >>> curvjax.hvp(apply_fn, params, batch, params)["w"].shape
       (4, 3)
     """
-    _, _, _, floats, _, reduced, to_tree, from_tree = whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    return to_tree(jax.jvp(jax.grad(reduced), (floats,), (from_tree(vector),))[1])
+    w = whole_batch(apply_fn, params, batch, loss, reduction)
+    return w.to_tree(jax.jvp(jax.grad(w.reduced), (w.floats,), (w.from_tree(vector),))[1])
 
 
 def ggn_vp(
@@ -142,19 +162,11 @@ def ggn_vp(
       Schraudolph, "Fast curvature matrix-vector products for second-order gradient descent",
       Neural Computation 2002.
     """
-    loss_fn, scale, targets, floats, outputs, _, to_tree, from_tree = whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    out, jvp_fn = jax.linearize(outputs, floats)
-    j_v = jvp_fn(from_tree(vector))
-
-    def loss_hessian_times(f, y, u):
-        s = loss_fn.hessian_factor(f, y)
-        return s @ (s.T @ u)
-
-    h_j_v = scale * jax.vmap(loss_hessian_times)(out, targets, j_v)
-    (result,) = jax.linear_transpose(jvp_fn, floats)(h_j_v.astype(out.dtype))
-    return to_tree(result)
+    w = whole_batch(apply_fn, params, batch, loss, reduction)
+    out, jvp_fn = jax.linearize(w.outputs, w.floats)
+    h_j_v = w.objective.hessian_times(out, jvp_fn(w.from_tree(vector)))
+    (result,) = jax.linear_transpose(jvp_fn, w.floats)(h_j_v)
+    return w.to_tree(result)
 
 
 def hessian_matrix(
@@ -183,9 +195,9 @@ def hessian_matrix(
       >>> curvjax.hessian_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
       (12, 12)
     """
-    _, _, _, floats, _, reduced, _, _ = whole_batch(apply_fn, params, batch, loss, reduction)
-    flat, unravel = ravel_pytree(floats)
-    return jax.jacfwd(jax.grad(lambda v: reduced(unravel(v))))(flat)
+    w = whole_batch(apply_fn, params, batch, loss, reduction)
+    flat, unravel = ravel_pytree(w.floats)
+    return jax.jacfwd(jax.grad(lambda v: w.reduced(unravel(v))))(flat)
 
 
 def ggn_matrix(
@@ -210,12 +222,11 @@ def ggn_matrix(
       >>> curvjax.ggn_matrix(lambda p, x: x @ p, jnp.ones((4, 3)), batch).shape
       (12, 12)
     """
-    loss_fn, scale, targets, floats, outputs, _, _, _ = whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    flat, unravel = ravel_pytree(floats)
-    out = outputs(floats)
-    jac = jax.jacfwd(lambda v: outputs(unravel(v)))(flat)  # [N, C, D]
-    factors = jax.vmap(loss_fn.hessian_factor)(out, targets)  # [N, C, K]
-    sj = jnp.einsum("nck,ncd->nkd", factors, jac)
-    return scale * jnp.einsum("nkd,nke->de", sj, sj)
+    w = whole_batch(apply_fn, params, batch, loss, reduction)
+    flat, unravel = ravel_pytree(w.floats)
+    out = w.outputs(w.floats)
+    jac = jax.jacfwd(lambda v: w.outputs(unravel(v)))(flat)  # [N, *P, C, D]
+    cols = w.objective.factor_columns(out)  # [N, K, *P, C], √κ included
+    n, k = cols.shape[:2]
+    sj = jnp.einsum("nkc,ncd->nkd", cols.reshape(n, k, -1), jac.reshape(n, -1, flat.size))
+    return jnp.einsum("nkd,nke->de", sj, sj)

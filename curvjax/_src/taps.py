@@ -336,7 +336,7 @@ class TracedModel:
     """``apply_fn`` traced at batch size one, with its taps.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs) -> outputs`` with outputs ``[N, C]``.
+      apply_fn: ``apply_fn(params, inputs) -> outputs`` with outputs ``[N, *P, C]``.
       params: the parameter pytree; floating-point leaves are differentiated, other leaves are held
         fixed (curvjax returns ``None`` for them).
       inputs: array or pytree of arrays with a common leading batch axis ``N``.
@@ -365,10 +365,11 @@ class TracedModel:
             jax.ShapeDtypeStruct((1, *jnp.shape(a)[1:]), jnp.result_type(a)) for a in x_leaves
         ]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(param_structs, x_structs)
-        if not isinstance(out_shape, jax.ShapeDtypeStruct) or len(out_shape.shape) != 2:
+        if not isinstance(out_shape, jax.ShapeDtypeStruct) or len(out_shape.shape) < 2:
             raise ValueError(
-                "apply_fn(params, inputs) must return one array of shape [N, C]; for a single "
-                f"example it returned {jax.tree.map(lambda s: s.shape, out_shape)}."
+                "apply_fn(params, inputs) must return one array of shape [N, C] or "
+                "[N, *positions, C]; for a single example it returned "
+                f"{jax.tree.map(lambda s: s.shape, out_shape)}."
             )
         self.jaxpr = closed
         self.out_aval = out_shape

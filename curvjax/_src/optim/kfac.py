@@ -311,14 +311,15 @@ def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
 
     One linearisation of the model and one JVP per vector (no backward pass).
     """
-    loss_fn, scale, targets, floats, outputs, reduced, _, from_tree = products.whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    f0, jvp = jax.linearize(outputs, floats)
-    factors = jax.vmap(loss_fn.hessian_factor)(f0, targets)  # [N, C, K]
-    projected = [jnp.einsum("nck,nc->nk", factors, jvp(from_tree(v))) for v in vectors]
-    q = jnp.stack([jnp.stack([scale * jnp.sum(u * w) for w in projected]) for u in projected])
-    value = scale * jnp.sum(jax.vmap(loss_fn.value)(f0, targets))
+    w = products.whole_batch(apply_fn, params, batch, loss, reduction)
+    floats, reduced, from_tree = w.floats, w.reduced, w.from_tree
+    f0, jvp = jax.linearize(w.outputs, floats)
+    cols = w.objective.factor_columns(f0)  # [N, K, *P, C], √κ included
+    n, k = cols.shape[:2]
+    cols = cols.reshape(n, k, -1)
+    projected = [jnp.einsum("nkc,nc->nk", cols, jvp(from_tree(v)).reshape(n, -1)) for v in vectors]
+    q = jnp.stack([jnp.stack([jnp.sum(u * v) for v in projected]) for u in projected])
+    value = w.objective.value(f0)
 
     def loss_at(shifted):
         shift = from_tree(shifted)

@@ -65,18 +65,15 @@ def _flattening(params):
 
 
 def _model(apply_fn, params, batch, loss, reduction):
-    """:func:`products.whole_batch` on flat vectors: ``(…, flat, outputs(v), reduced(v), …)``."""
-    loss_fn, scale, targets, floats, outputs, reduced, to_tree, from_tree = products.whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
-    flat, unravel, to_flat_tree, from_flat_tree = _flat(floats, to_tree, from_tree)
+    """:func:`products.whole_batch` on flat vectors:
+    ``(objective, flat, outputs(v), reduced(v), to_tree, from_tree)``."""
+    w = products.whole_batch(apply_fn, params, batch, loss, reduction)
+    flat, unravel, to_flat_tree, from_flat_tree = _flat(w.floats, w.to_tree, w.from_tree)
     return (
-        loss_fn,
-        scale,
-        targets,
+        w.objective,
         flat,
-        lambda v: outputs(unravel(v)),
-        lambda v: reduced(unravel(v)),
+        lambda v: w.outputs(unravel(v)),
+        lambda v: w.reduced(unravel(v)),
         to_flat_tree,
         from_flat_tree,
     )
@@ -91,20 +88,18 @@ def hessian_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction
     Returns:
       A :class:`LinearOperator`.
     """
-    _, _, _, flat, _, reduced, to_tree, from_tree = _model(apply_fn, params, batch, loss, reduction)
+    _, flat, _, reduced, to_tree, from_tree = _model(apply_fn, params, batch, loss, reduction)
     _, matvec = jax.linearize(jax.grad(reduced), flat)
     return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
 
 
-def _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree):
+def _gauss_newton(outputs, flat, hessian_times, to_tree, from_tree):
+    """``v ↦ Jᵀ H J v`` with ``hessian_times(out, u) = H u`` (``κ`` included)."""
     out, jvp_fn = jax.linearize(outputs, flat)
     transpose = jax.linear_transpose(jvp_fn, flat)
-    factors = factors.astype(out.dtype)
 
     def matvec(v):
-        j_v = jvp_fn(v)  # [N, C]
-        h_j_v = scale * jnp.einsum("nck,ndk,nd->nc", factors, factors, j_v)
-        return transpose(h_j_v)[0]
+        return transpose(hessian_times(out, jvp_fn(v)))[0]
 
     return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
 
@@ -118,11 +113,22 @@ def ggn_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="me
     Returns:
       A :class:`LinearOperator`.
     """
-    loss_fn, scale, targets, flat, outputs, _, to_tree, from_tree = _model(
+    objective, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
-    factors = jax.vmap(loss_fn.hessian_factor)(outputs(flat), targets)
-    return _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree)
+    return _gauss_newton(outputs, flat, objective.hessian_times, to_tree, from_tree)
+
+
+def _times_columns(columns):
+    """``u ↦ Σ_m c_m ⟨c_m, u⟩`` per example for columns ``[N, M, *P, C]``."""
+
+    def times(out, u):
+        n, m = columns.shape[:2]
+        flat_cols = columns.reshape(n, m, -1)
+        coef = jnp.einsum("nmc,nc->nm", flat_cols, u.reshape(n, -1))
+        return jnp.einsum("nmc,nm->nc", flat_cols, coef).reshape(u.shape).astype(out.dtype)
+
+    return times
 
 
 def fisher_operator(
@@ -132,19 +138,17 @@ def fisher_operator(
 
     Args:
       apply_fn, params, batch, loss, reduction: as for :func:`curvjax.ggn_vp`.
-      key: PRNG key for ``ŷ ~ p(y | f_n)``.
-      mc_samples: sampled labels per example.
+      key: PRNG key for ``ŷ ~ p(y | f_n)`` (one draw per position and column).
+      mc_samples: sampled labels per example (and position).
 
     Returns:
       A :class:`LinearOperator` (fixed samples: a symmetric PSD matrix).
     """
-    loss_fn, scale, _, flat, outputs, _, to_tree, from_tree = _model(
+    objective, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
-    out = outputs(flat)
-    keys = jax.random.split(key, out.shape[0])
-    factors = jax.vmap(lambda k, f: loss_fn.mc_factor(k, f, mc_samples))(keys, out)
-    return _gauss_newton(outputs, flat, factors, scale, to_tree, from_tree)
+    columns = objective.mc_columns(key, outputs(flat), mc_samples)
+    return _gauss_newton(outputs, flat, _times_columns(columns), to_tree, from_tree)
 
 
 def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
@@ -156,18 +160,18 @@ def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", 
     Returns:
       A :class:`LinearOperator`.
     """
-    loss_fn, scale, targets, flat, outputs, _, to_tree, from_tree = _model(
+    objective, flat, outputs, _, to_tree, from_tree = _model(
         apply_fn, params, batch, loss, reduction
     )
 
     def per_example(v):
-        return jax.vmap(loss_fn.value)(outputs(v), targets)
+        return objective.per_example(outputs(v))
 
     _, jvp_fn = jax.linearize(per_example, flat)
     transpose = jax.linear_transpose(jvp_fn, flat)
 
     def matvec(v):
-        return transpose(scale * jvp_fn(v))[0]
+        return transpose(objective.scale * jvp_fn(v))[0]
 
     return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
 
