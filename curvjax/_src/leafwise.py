@@ -127,15 +127,116 @@ def per_example_grads(p: Pass) -> list:
     return jax.vmap(lambda g: vjp(g)[0])(tap_grads)
 
 
+def norm_method(t: int, i: int, o: int) -> str:
+    """How :func:`sq_norms` evaluates ``||Σ_t a_t b_tᵀ||²`` for ``a_t [I]``, ``b_t [O]``, ``T`` terms.
+
+    ``"outer"`` for ``T = 1`` (``||a||² ||b||²``); otherwise the cheaper in flops, per example, of
+    ``"gram"`` (``Σ_{t,s} (a_t·a_s)(b_t·b_s)``: ``T²(I + O)``) and ``"direct"`` (form the
+    ``I × O`` gradient and square it: ``T I O + I O``), the mixed ghost norm of Bu et al. (2022).
+    """
+    if t == 1:
+        return "outer"
+    return "gram" if t * t * (i + o) <= t * i * o + i * o else "direct"
+
+
+def _norm_forms(p: Pass, cols: dict) -> tuple[dict, list[int]]:
+    """Leaves whose per-example gradient is one bilinear form, and the others.
+
+    Returns ``({leaf: (a [N, G, T, I], b [N, G, T, O])}, slow leaves)`` with
+    ``g_n = Σ_t a[n, :, t] ⊗ b[n, :, t]`` in a fixed relayout of the leaf. A leaf consumed by
+    several bilinear taps (tied weights), each through a relayout of that leaf alone, gets the
+    positions of all its uses concatenated (``g_n`` is the sum over uses); a use that reads the
+    leaf transposed (``x W`` and ``h Wᵀ``) enters with ``a`` and ``b`` swapped. Any other use
+    makes the leaf slow (per-example gradients formed a chunk of examples at a time).
+    """
+    forms, slow = {}, []
+    for k, taps in enumerate(p.model.taps_of_leaf):
+        if not taps:
+            continue
+        if not all(t.chain_leaf == k and rules.has_bilinear_form(t) for t in taps):
+            slow.append(k)
+            continue
+        parts = [rules.bilinear_form(t, p.acts[t.id], cols[t.id]) for t in taps]
+        if len(parts) == 1:
+            forms[k] = (parts[0].a, parts[0].b[:, 0])
+            continue
+        combined = _tied_parts(p, k, taps, parts)
+        if combined is None:
+            slow.append(k)
+        else:
+            forms[k] = combined
+    return forms, slow
+
+
+def _tied_parts(p: Pass, k: int, taps, parts):
+    """``(a, b)`` concatenated over the uses of tied leaf ``k``, or None if their layouts differ."""
+    first = parts[0]
+    g, i, o = first.a.shape[1], first.a.shape[3], first.b.shape[-1]
+    reference = canonical_index(p, taps[0], k, first)
+    # a transposed use's canonical position (g, o', i') -> the first use's position (g, i', o')
+    swapped = np.arange(g * i * o).reshape(g, i, o).transpose(0, 2, 1).ravel()
+    a_parts, b_parts = [], []
+    for tap, form in zip(taps, parts, strict=True):
+        a, b = form.a, form.b[:, 0]
+        shape = (a.shape[1], a.shape[3], b.shape[-1])
+        index = canonical_index(p, tap, k, form)
+        if shape == (g, i, o) and np.array_equal(index, reference):
+            pass
+        elif shape == (g, o, i) and np.array_equal(swapped[index], reference):
+            a, b = b, a  # this use reads the leaf transposed: g = Σ_t b_t a_tᵀ
+        else:
+            return None
+        a_parts.append(a)
+        b_parts.append(b)
+    return jnp.concatenate(a_parts, axis=2), jnp.concatenate(b_parts, axis=2)
+
+
+def _form_sq_norms(a, b) -> jax.Array:
+    """``||Σ_t a[n, g, t] ⊗ b[n, g, t]||²`` summed over ``g``: ``[N]`` (see :func:`norm_method`)."""
+    n, g, t, i = a.shape
+    o = b.shape[-1]
+    method = norm_method(t, i, o)
+    if method == "outer":
+        return jnp.sum(jnp.sum(a[:, :, 0] ** 2, -1) * jnp.sum(b[:, :, 0] ** 2, -1), axis=1)
+    if method == "gram":
+
+        def gram(ab):
+            gram_a = jnp.einsum("ngti,ngsi->ngts", ab[0], ab[0])
+            gram_b = jnp.einsum("ngto,ngso->ngts", ab[1], ab[1])
+            return jnp.sum(gram_a * gram_b, axis=(1, 2, 3))
+
+        return chunking.chunked_map(gram, (a, b), chunking.chunk_size(n, 2 * g * t * t))
+
+    def direct(ab):
+        grads = jnp.einsum("ngti,ngto->ngio", *ab)
+        return jnp.sum(grads**2, axis=(1, 2, 3))
+
+    return chunking.chunked_map(direct, (a, b), chunking.chunk_size(n, g * i * o))
+
+
+def sq_norm_methods(p: Pass) -> dict:
+    """Float leaf index -> how :func:`sq_norms` computes its norms: ``"outer"``, ``"gram"``,
+    ``"direct"`` (one bilinear form, see :func:`norm_method`) or ``"per_example"`` (per-example
+    gradients formed a chunk of examples at a time)."""
+    forms, slow = _norm_forms(p, p.columns_of_gradient())
+    methods = {k: norm_method(a.shape[2], a.shape[3], b.shape[-1]) for k, (a, b) in forms.items()}
+    return methods | {k: "per_example" for k in slow}
+
+
 def sq_norms(p: Pass) -> list:
-    """``||g_n||²`` for every float leaf: ``[N]``."""
-    fast, slow = _split_leaves(p)
+    """``||g_n||²`` for every float leaf: ``[N]``.
+
+    Leaves used by bilinear taps only (dense, convolution; tied uses included) never form ``g_n``
+    for all examples at once: per leaf the cheaper of the Gram identity and a chunked
+    materialisation (:func:`norm_method`). Other leaves form ``g_n`` a chunk of examples at a time.
+    """
     n = p.model.num_examples
     dtype = p.outputs.dtype
     result = [jnp.zeros((n,), dtype) for _ in p.model.float_index]
     cols = p.columns_of_gradient()
-    for k, tap in fast.items():
-        result[k] = bilinear.sq_norms(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
+    forms, slow = _norm_forms(p, cols)
+    for k, (a, b) in forms.items():
+        result[k] = _form_sq_norms(a, b)
     if slow:
         one, acts = _slow_grads_fn(p, slow)
 
