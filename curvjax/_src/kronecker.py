@@ -1,24 +1,45 @@
 """Kronecker-factored curvature blocks: KFAC, KFLR and KFRA.
 
-For a dense or convolution kernel consumed by one tap, the GGN block of the reduced loss is
-approximated as ``A ⊗ B`` (per feature group ``g``) in the tap's canonical order ``(g, i, o)``:
+For a dense or convolution kernel, the GGN block of the reduced loss is approximated as
+``A ⊗ B`` (per feature group ``g``) in the tap's canonical order ``(g, i, o)``. With ``a`` the
+layer inputs (patches for convolutions, Grosse & Martens 2016) at the ``T`` positions that share
+the weight (1 for a dense layer applied to a vector; sequence positions, pixels) and ``b`` the
+output cotangents of the backpropagated vectors (which carry ``√κ``), two approximations of
+Eschenhagen et al. (2023, §3) are offered:
 
 .. math::
-    A_g = \\frac{1}{N T} \\sum_{n, t} a_{n,t,g} a_{n,t,g}^⊤, \\qquad
-    B_g = \\sum_{n, m, t} b_{n,m,t,g} b_{n,m,t,g}^⊤ ,
+    \\text{expand:}\\quad A_g = \\frac{1}{N T} \\sum_{n, t} a_{n,t,g} a_{n,t,g}^⊤, \\qquad
+    B_g = \\sum_{n, m, t} b_{n,m,t,g} b_{n,m,t,g}^⊤ ;
 
-where ``a`` are the layer inputs (patches for convolutions, Grosse & Martens 2016), ``T`` the number
-of positions sharing the weight (1 for dense layers; the "expand" convention of Eschenhagen et
-al. 2023 for convolutions), and ``b`` the output cotangents of the backpropagated vectors, which
-carry ``√κ``: for mean reduction ``A ⊗ B = (1/N Σ a aᵀ) ⊗ (1/N Σ_n Σ_c b̂ b̂ᵀ)``.
+    \\text{reduce:}\\quad A_g = \\frac{1}{N} \\sum_n \\bar a_{n,g} \\bar a_{n,g}^⊤, \\;
+    \\bar a_{n,g} = \\frac{1}{T} \\sum_t a_{n,t,g}, \\qquad
+    B_g = \\sum_{n, m} \\bar b_{n,m,g} \\bar b_{n,m,g}^⊤, \\;
+    \\bar b_{n,m,g} = \\sum_t b_{n,m,t,g} .
+
+Expand (the default) treats the positions like extra examples; it is exact for deep linear
+networks with a loss that sums per-position terms (MSE). Reduce treats each example's positions
+as one input; it is exact for deep linear networks whose positions are summed or averaged before
+the loss. Both coincide for ``T = 1``. For mean reduction (``κ = 1/N``) the expand product reads
+``(1/(NT) Σ a aᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)`` with ``b̂`` the cotangents of ``ℓ_n``.
+
 KFLR backpropagates the exact factor ``S_n`` (Botev et al. 2017), KFAC ``M`` sampled columns
 (Martens & Grosse 2015), KFRA replaces the per-example backpropagation of ``B`` by the batch-averaged
 recursion ``B̄⁽ⁱ⁻¹⁾ = (1/N) Σ_n J_nᵀ B̄⁽ⁱ⁾ J_n`` along a chain of dense layers.
 
+**Tied weights.** A kernel consumed by ``U > 1`` dense/convolution taps with the same layout
+(one weight applied in several layers or places) gets one Kronecker block in which the uses are
+treated like further positions sharing the weight: with ``T' = Σ_u T_u`` the positions of all
+uses, ``A`` and ``B`` are the formulas above summed over ``(u, t)`` in place of ``t``, ``T'`` in
+place of ``T``. The exact block ``Σ_{u,v}`` (cross terms between uses included) is not a
+Kronecker product; the approximation is exact where expand (reduce) is exact with the uses as
+positions, e.g. a weight applied separately to two halves of the input, each with its own
+per-position MSE terms.
+
 Biases are kept as their own block (no homogeneous coordinate): 1-D leaves (biases, LayerNorm
 scales and offsets) get the full block ``Σ_{n,m} g gᵀ`` of the same backpropagated vectors (the
-exact GGN block for KFLR and KFRA, its Monte-Carlo estimate for KFAC), every other leaf that is not
-a kernel of a single dense/conv tap (embeddings, tied weights) the diagonal of that block.
+exact GGN block for KFLR and KFRA, its Monte-Carlo estimate for KFAC), every other leaf (an
+embedding looked up by ``gather``, a weight transformed before use, a kernel whose uses differ in
+layout) the diagonal of that block.
 """
 
 from __future__ import annotations
@@ -31,6 +52,21 @@ from curvjax._src import backprop, diagonals, leafwise, rules
 from curvjax._src.blocks import DenseBlock, DiagonalBlock, KroneckerBlock
 from curvjax._src.rules import dense
 
+#: The approximations of weight sharing over positions (and over the uses of a tied kernel).
+APPROXIMATIONS = ("expand", "reduce")
+DEFAULT_APPROXIMATION = "expand"
+
+
+def check_approximation(approximation: str) -> str:
+    """``approximation`` if it is one of :data:`APPROXIMATIONS`, else a ``ValueError``."""
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(
+            f"approximation={approximation!r} is not one of {APPROXIMATIONS}: 'expand' treats the "
+            "positions that share a weight like examples (per-position losses), 'reduce' sums "
+            "them first (positions pooled before the loss)."
+        )
+    return approximation
+
 
 def _gram_of_rows(rows):
     """``Σ_r x_r x_rᵀ`` per group for ``rows`` ``[G, R, D]`` -> ``[G, D, D]``.
@@ -41,29 +77,70 @@ def _gram_of_rows(rows):
     return jax.lax.dot_general(rows, rows, (((1,), (1,)), ((0,), (0,))))
 
 
-def _input_factor(form, n: int):
-    _, g, t, i = form.a.shape
-    return _gram_of_rows(jnp.moveaxis(form.a, 1, 0).reshape(g, n * t, i)) / (n * t)
+def _input_factor(forms, n: int, approximation: str):
+    """``A`` ``[G, I, I]`` from the forms of a kernel's uses (one form per tap)."""
+    positions = sum(form.a.shape[2] for form in forms)
+    if approximation == "reduce":
+        mean = sum(jnp.sum(form.a, axis=2) for form in forms) / positions  # [N, G, I]
+        return _gram_of_rows(jnp.moveaxis(mean, 1, 0)) / n
+    _, g, _, i = forms[0].a.shape
+    rows = [jnp.moveaxis(f.a, 1, 0).reshape(g, -1, i) for f in forms]
+    rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
+    return _gram_of_rows(rows) / (n * positions)
 
 
-def _output_factor(form):
-    n, m, g, t, o = form.b.shape
-    return _gram_of_rows(jnp.moveaxis(form.b, 2, 0).reshape(g, n * m * t, o))
+def _output_factor(forms, approximation: str):
+    """``B`` ``[G, O, O]`` from the forms of a kernel's uses (one form per tap)."""
+    if approximation == "reduce":
+        total = sum(jnp.sum(form.b, axis=3) for form in forms)  # [N, M, G, O]
+        n, m, g, o = total.shape
+        return _gram_of_rows(jnp.moveaxis(total, 2, 0).reshape(g, n * m, o))
+    g, o = forms[0].b.shape[2], forms[0].b.shape[-1]
+    rows = [jnp.moveaxis(f.b, 2, 0).reshape(g, -1, o) for f in forms]
+    return _gram_of_rows(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
+
+
+def _forms(p: backprop.Pass, taps, cols) -> list:
+    return [rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]) for tap in taps]
+
+
+def _tied_uses(p: backprop.Pass, k: int):
+    """The taps of kernel leaf ``k`` if every use is a bilinear tap of the same layout, else None."""
+    taps = p.model.taps_of_leaf[k]
+    if len(taps) < 2 or not all(
+        t.chain_leaf == k and rules.has_bilinear_form(t) and len(t.leaves) == 1 for t in taps
+    ):
+        return None
+    forms = _forms(p, taps, p.columns_of_gradient())
+    shapes = {(f.a.shape[1], f.a.shape[3], f.b.shape[-1]) for f in forms}
+    if len(shapes) != 1:
+        return None
+    first = leafwise.canonical_index(p, taps[0], k, forms[0])
+    for tap, form in zip(taps[1:], forms[1:], strict=True):
+        if not np.array_equal(leafwise.canonical_index(p, tap, k, form), first):
+            return None
+    return taps
 
 
 def _layout(p: backprop.Pass):
-    """Which float leaves get Kronecker, full and diagonal blocks."""
+    """``({leaf: [taps]}, full, diagonal)``: which float leaves get Kronecker, full and diagonal
+    blocks (Kronecker: the kernel of one bilinear tap, or of several with the same layout)."""
     ndims = [jnp.ndim(leaf) for leaf in p.model.float_leaves(p.params)]
-    return leafwise.block_layout(p.model, ndims)
+    fast, full, diag = leafwise.block_layout(p.model, ndims)
+    kron = {k: [tap] for k, tap in fast.items()}
+    for k in diag:
+        uses = _tied_uses(p, k)
+        if uses is not None:
+            kron[k] = uses
+    return kron, full, [k for k in diag if k not in kron]
 
 
-def additive_parts(p: backprop.Pass, cols: dict, weights=None) -> dict:
-    """The parts of the blocks that sum over backpropagated vectors (``weights`` unused, = 1)."""
-    del weights
-    fast, full, diag = _layout(p)
+def additive_parts(p: backprop.Pass, cols: dict, *, approximation: str = DEFAULT_APPROXIMATION):
+    """The parts of the blocks that sum over backpropagated vectors."""
+    kron, full, diag = _layout(p)
     parts = {"b": {}, "full": {}, "diag": {}}
-    for k, tap in fast.items():
-        parts["b"][k] = _output_factor(rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]))
+    for k, taps in kron.items():
+        parts["b"][k] = _output_factor(_forms(p, taps, cols), approximation)
     parts["full"] = dict(zip(full, leafwise.outer_sum(p, cols, full), strict=True))
     if diag:
         sums = leafwise.sum_sq(p, cols)
@@ -71,16 +148,16 @@ def additive_parts(p: backprop.Pass, cols: dict, weights=None) -> dict:
     return parts
 
 
-def assemble(p: backprop.Pass, parts: dict) -> list:
+def assemble(p: backprop.Pass, parts: dict, *, approximation: str = DEFAULT_APPROXIMATION) -> list:
     """Blocks for every float leaf from :func:`additive_parts` (summed over all vectors)."""
     n = p.model.num_examples
-    fast, full, diag = _layout(p)
+    kron, full, diag = _layout(p)
     result: list = [None] * len(p.model.float_index)
-    gradient_cols = p.columns_of_gradient()  # only the layout of the form is used below
-    for k, tap in fast.items():
-        form = rules.bilinear_form(tap, p.acts[tap.id], gradient_cols[tap.id])
-        index = leafwise.canonical_index(p, tap, k, form)
-        result[k] = KroneckerBlock(_input_factor(form, n), parts["b"][k], index)
+    gradient_cols = p.columns_of_gradient()  # only the layout of the forms is used below
+    for k, taps in kron.items():
+        forms = _forms(p, taps, gradient_cols)
+        index = leafwise.canonical_index(p, taps[0], k, forms[0])
+        result[k] = KroneckerBlock(_input_factor(forms, n, approximation), parts["b"][k], index)
     for k in full:
         result[k] = DenseBlock(parts["full"][k])
     for k in diag:
@@ -109,6 +186,9 @@ def chain_of(model) -> list:
             problem = "the outputs do not come from the last dense layer alone"
     if problem is None:
         for tap in kernels:
+            if any(len(model.taps_of_leaf[k]) > 1 for k in tap.leaves):
+                problem = f"the weight of {tap.where} is used more than once (tied)"
+                break
             (pos,) = tap.act_positions
             shape = tap.eqn.invars[pos].aval.shape
             if int(np.prod(shape)) != shape[-1]:
@@ -152,5 +232,9 @@ def kfra_of(p: backprop.Pass, parts: dict | None = None) -> list:
             return jnp.einsum("nmo,nmp->op", b, b) / n
 
         b_bar[below.id] = p.reduce_columns(propagated, columns, output_columns=outputs)[None]
-    parts = dict(parts, b={k: b_bar.get(tap.id, parts["b"][k]) for k, tap in fast.items()})
+    b = {
+        k: b_bar.get(fast[k].id, factor) if k in fast else factor
+        for k, factor in parts["b"].items()
+    }
+    parts = dict(parts, b=b)
     return assemble(p, parts)

@@ -61,6 +61,9 @@ REGISTRY: dict[str, Quantity] = {}
 REDUCTIONS: dict[str, Callable] = {
     "sum_sq": lambda p, cols, weights: leafwise.sum_sq(p, cols, weights),
     "kron": lambda p, cols, weights: kronecker.additive_parts(p, cols),
+    "kron_reduce": lambda p, cols, weights: kronecker.additive_parts(
+        p, cols, approximation="reduce"
+    ),
     "chain": lambda p, cols, weights: chain.output_factors(p, cols),
 }
 
@@ -125,7 +128,7 @@ class Context:
             ]
             if name not in sharing:
                 sharing.append(name)  # needed by another quantity's assembly (e.g. variance)
-            reductions = sorted({REGISTRY[q].reduction for q in sharing})
+            reductions = sorted({_reduction(q, self.options[q]) for q in sharing})
             p = self.p
             columns = VECTOR_SETS[set_key[0]](p, self.key, self.options[name])
 
@@ -133,7 +136,15 @@ class Context:
                 return {r: REDUCTIONS[r](p, cols, weights) for r in reductions}
 
             self._cache[("set", set_key)] = p.reduce_columns(reduce, columns)
-        return self._cache[("set", set_key)][REGISTRY[name].reduction]
+        return self._cache[("set", set_key)][_reduction(name, self.options[name])]
+
+
+def _reduction(name: str, options: Mapping) -> str:
+    """The reduction of quantity ``name``; an ``approximation`` option other than ``"expand"``
+    selects the variant ``"<reduction>_<approximation>"`` (so that variants never share parts)."""
+    base = REGISTRY[name].reduction
+    approximation = options.get("approximation", kronecker.DEFAULT_APPROXIMATION)
+    return base if approximation == kronecker.DEFAULT_APPROXIMATION else f"{base}_{approximation}"
 
 
 def _vectors(name: str, options: Mapping) -> str | None:
@@ -158,6 +169,8 @@ def _options(requested: Sequence[str], mc_samples: int, options: Mapping | None)
                 f"quantity {name!r} has no option {bad[0]!r}; its options are {list(defaults)}."
             )
         defaults.update(given)
+        if "approximation" in defaults:
+            kronecker.check_approximation(defaults["approximation"])
         if defaults.get("vectors", "mc") not in VECTOR_SETS:
             raise ValueError(
                 f"quantity {name!r}: option vectors={defaults['vectors']!r}; use one of "
@@ -264,19 +277,24 @@ register(
 register(
     Quantity(
         "kfac",
-        lambda c, parts: kronecker.assemble(c.p, parts),
+        lambda c, parts: kronecker.assemble(
+            c.p, parts, approximation=c.options["kfac"]["approximation"]
+        ),
         vectors="mc",
         reduction="kron",
-        options={"mc_samples": 1},
+        options={"mc_samples": 1, "approximation": kronecker.DEFAULT_APPROXIMATION},
         curvature=True,
     )
 )
 register(
     Quantity(
         "kflr",
-        lambda c, parts: kronecker.assemble(c.p, parts),
+        lambda c, parts: kronecker.assemble(
+            c.p, parts, approximation=c.options["kflr"]["approximation"]
+        ),
         vectors="exact",
         reduction="kron",
+        options={"approximation": kronecker.DEFAULT_APPROXIMATION},
         curvature=True,
     )
 )

@@ -32,9 +32,12 @@ def ggn_diag(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params``.
@@ -73,9 +76,12 @@ def ggn_diag_mc(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
       key: PRNG key for sampling ``ŷ ~ p(y | f_n)``.
       mc_samples: number ``M`` of sampled columns per example.
 
@@ -133,9 +139,12 @@ def hessian_diag(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
       method: ``"exact"`` or ``"hutchinson"``.
       key: PRNG key for the Rademacher probes (hutchinson).
       mc_samples: number ``M`` of probes (hutchinson).
@@ -168,6 +177,7 @@ def kfac(
     mc_samples: int = 1,
     loss: LossLike = "cross_entropy",
     reduction: str = "mean",
+    approximation: str = "expand",
 ) -> PyTree:
     """Kronecker-factored GGN blocks with Monte-Carlo output factors (K-FAC).
 
@@ -177,17 +187,27 @@ def kfac(
 
     with ``a`` the layer input (patches for convolutions), ``T`` the positions sharing the weight
     and ``S̃_n`` sampled as in :func:`ggn_diag_mc`. For mean reduction
-    ``A ⊗ B = (1/N Σ aaᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)``.
+    ``A ⊗ B = (1/(NT) Σ aaᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)``. This is the ``"expand"`` approximation (the
+    default; positions treated like examples, exact for deep linear networks with per-position
+    MSE terms). ``approximation="reduce"`` pools each example's positions first:
+    ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t a_{n,t}`` and ``B = Σ_{n,m} b̄ b̄ᵀ`` with
+    ``b̄ = Σ_t b_{n,m,t}`` (exact for deep linear networks whose positions are pooled before an
+    MSE loss). A kernel used by several dense/convolution taps (tied weights) gets one block in
+    which its uses count as further positions.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
       key: PRNG key for sampling ``ŷ ~ p(y | f_n)``.
       mc_samples: number ``M`` of sampled columns per example.
+      approximation: ``"expand"`` (default) or ``"reduce"``: how positions sharing a weight enter.
 
     Returns:
       A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],
@@ -207,7 +227,8 @@ def kfac(
     References:
       Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
       curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
-      convolution layers", ICML 2016.
+      convolution layers", ICML 2016; Eschenhagen et al., "Kronecker-factored approximate
+      curvature for modern neural network architectures", NeurIPS 2023, §3.
     """
     return _one(
         "kfac",
@@ -218,6 +239,7 @@ def kfac(
         reduction=reduction,
         key=key,
         mc_samples=mc_samples,
+        options={"kfac": {"approximation": approximation}},
     )
 
 
@@ -228,19 +250,27 @@ def kflr(
     *,
     loss: LossLike = "cross_entropy",
     reduction: str = "mean",
+    approximation: str = "expand",
 ) -> PyTree:
     """Kronecker-factored GGN blocks with the exact output factor (KFLR).
 
-    As :func:`kfac`, with ``B = Σ_{n,c,t} b bᵀ`` from the ``C`` exact columns of ``√κ S_n``.
-    Exact for a single dense layer seeing one example, and for deep linear networks with MSE.
+    As :func:`kfac`, with ``B = Σ_{n,c,t} b bᵀ`` from the ``C`` exact columns of ``√κ S_n``
+    (``approximation="expand"``, the default) or ``B = Σ_{n,c} b̄ b̄ᵀ``, ``b̄ = Σ_t b``
+    (``"reduce"``). Exact for a single dense layer seeing one example, and for every kernel of a
+    deep linear network with MSE: with per-position terms under ``"expand"``, with positions
+    pooled before the loss under ``"reduce"``.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
+      approximation: ``"expand"`` (default) or ``"reduce"``: how positions sharing a weight enter.
 
     Returns:
       A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],
@@ -257,9 +287,19 @@ def kflr(
       (1, 3, 3)
 
     References:
-      Botev, Ritter & Barber, "Practical Gauss-Newton optimisation for deep learning", ICML 2017.
+      Botev, Ritter & Barber, "Practical Gauss-Newton optimisation for deep learning", ICML 2017;
+      Eschenhagen et al., "Kronecker-factored approximate curvature for modern neural network
+      architectures", NeurIPS 2023, §3.
     """
-    return _one("kflr", apply_fn, params, batch, loss=loss, reduction=reduction)
+    return _one(
+        "kflr",
+        apply_fn,
+        params,
+        batch,
+        loss=loss,
+        reduction=reduction,
+        options={"kflr": {"approximation": approximation}},
+    )
 
 
 def kfra(
@@ -282,9 +322,12 @@ def kfra(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently.
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``κ = 1/N``) or ``"sum"`` (``κ = 1``).
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params`` of blocks: :class:`curvjax.KroneckerBlock` ``(a [G, I, I],

@@ -1,0 +1,298 @@
+"""KFAC-expand / KFAC-reduce for weights shared over positions, and tied weights (float64).
+
+References are dense and never call curvjax: the GGN block of one leaf is
+``κ Σ_n J_nᵀ H_n J_n`` with ``J_n`` from ``jax.jacobian`` of the model outputs and ``H_n`` from
+``jax.hessian`` of the per-example MSE ``Σ (f - y)²``.
+
+Exactness (Eschenhagen et al., NeurIPS 2023, §3), for a deep linear network ``f = W_L ⋯ W_1 x``
+applied to every position ``t`` of ``x_n [T, d]`` and MSE (``H_n = 2 I``):
+
+* per-position terms (outputs ``[N, T, C]``, flattened to ``[N, T·C]``, whose MSE is the sum of
+  the per-position MSEs): the cotangent of layer ``l`` at position ``t`` only reaches output
+  position ``t`` through the same ``J = W_L ⋯ W_{l+1}``, so ``G = Σ_{n,t} a aᵀ ⊗ κ Jᵀ H J`` and
+  expand's ``(1/(NT) Σ a aᵀ) ⊗ (Σ_{n,t,c} b bᵀ = NT κ JᵀHJ)`` is exact for every kernel;
+* positions averaged before the loss (outputs ``[N, C]``): every position's cotangent is the same
+  ``β_n = Jᵀ s / T``, so ``g_n = ā_n b̄_nᵀ`` with ``b̄ = Σ_t b = T β`` and reduce's
+  ``(1/N Σ ā āᵀ) ⊗ (Σ_{n,c} b̄ b̄ᵀ = N κ JᵀHJ)`` is exact for every kernel.
+
+Swapping the two settings breaks exactness (checked), and for ``T = 1`` the two coincide.
+Tolerances: exact identities in float64 on O(1) numbers, checked to 1e-10 relative to the
+block's largest entry (observed ~1e-16); "differs" means a relative gap above 5 %.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import curvjax
+from curvjax._src import kronecker, quantities
+
+N, T, D, H, C = 3, 4, 3, 5, 2
+
+
+def _deep_linear_params():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {
+        "w1": jax.random.normal(keys[0], (D, H)) / np.sqrt(D),
+        "b1": jnp.linspace(-0.5, 0.5, H),
+        "w2": jax.random.normal(keys[1], (H, H)) / np.sqrt(H),
+        "w3": jax.random.normal(keys[2], (H, C)) / np.sqrt(H),
+    }
+
+
+def _deep_linear(p, x):
+    """``[N, T, D] -> [N, T, C]``: three dense layers (one bias), no nonlinearity."""
+    return ((x @ p["w1"] + p["b1"][None, None]) @ p["w2"]) @ p["w3"]
+
+
+def per_position(p, x):
+    """Per-position outputs flattened to ``[N, T·C]`` (their MSE sums the positions' MSEs)."""
+    return _deep_linear(p, x).reshape(x.shape[0], -1)
+
+
+def pooled(p, x):
+    """Positions averaged before the loss: ``[N, C]``."""
+    return _deep_linear(p, x).mean(axis=1)
+
+
+def _inputs(t=T):
+    return jax.random.normal(jax.random.key(1), (N, t, D))
+
+
+def _targets(fn, params, x):
+    shape = jax.eval_shape(fn, params, x).shape
+    return jax.random.normal(jax.random.key(2), shape)
+
+
+def ggn_block(fn, params, batch, leaf, reduction):
+    """Dense GGN block ``[D, D]`` (row-major leaf order) of ``params[leaf]``, MSE loss."""
+    x, y = batch
+
+    def outputs(w):
+        return fn(dict(params, **{leaf: w}), x)
+
+    jac = jax.jacobian(outputs)(params[leaf])  # [N, C_out, *leaf.shape]
+    jac = jac.reshape(jac.shape[0], jac.shape[1], -1)
+    f = outputs(params[leaf])
+    hess = jax.vmap(jax.hessian(lambda f, y: jnp.sum((f - y) ** 2)))(f, y)  # [N, C_out, C_out]
+    kappa = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    return kappa * jnp.einsum("nci,ncd,ndj->ij", jac, hess, jac)
+
+
+def _rel_gap(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+KERNELS = ("w1", "w2", "w3")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    ("fn", "approximation"),
+    [(per_position, "expand"), (pooled, "reduce")],
+    ids=["expand", "reduce"],
+)
+def test_kflr_is_exact_for_deep_linear_networks(fn, approximation, reduction):
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(fn, params, x))
+    blocks = jax.jit(
+        lambda p, b: curvjax.kflr(
+            fn, p, b, loss="mse", reduction=reduction, approximation=approximation
+        )
+    )(params, batch)
+    for leaf in KERNELS:
+        assert isinstance(blocks[leaf], curvjax.KroneckerBlock)
+        want = ggn_block(fn, params, batch, leaf, reduction)
+        assert _rel_gap(curvjax.block_to_dense(blocks[leaf]), want) < 1e-10, leaf
+    # the bias block is the exact (full) GGN block under either approximation
+    want = ggn_block(fn, params, batch, "b1", reduction)
+    assert _rel_gap(curvjax.block_to_dense(blocks["b1"]), want) < 1e-10
+
+
+@pytest.mark.parametrize(
+    ("fn", "approximation"),
+    [(per_position, "reduce"), (pooled, "expand")],
+    ids=["reduce", "expand"],
+)
+def test_the_other_approximation_is_not_exact(fn, approximation):
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(fn, params, x))
+    blocks = curvjax.kflr(fn, params, batch, loss="mse", approximation=approximation)
+    for leaf in KERNELS:
+        want = ggn_block(fn, params, batch, leaf, "mean")
+        assert _rel_gap(curvjax.block_to_dense(blocks[leaf]), want) > 0.05, leaf
+
+
+def test_expand_and_reduce_coincide_without_shared_positions():
+    params, x = _deep_linear_params(), _inputs(t=1)
+    batch = (x, _targets(per_position, params, x))
+    expand = curvjax.kflr(per_position, params, batch, loss="mse", approximation="expand")
+    reduce = curvjax.kflr(per_position, params, batch, loss="mse", approximation="reduce")
+    for leaf in KERNELS:
+        np.testing.assert_allclose(expand[leaf].a, reduce[leaf].a, rtol=1e-12)
+        np.testing.assert_allclose(expand[leaf].b, reduce[leaf].b, rtol=1e-12)
+
+
+def test_kfac_reduce_is_unbiased_for_kflr_reduce():
+    """KFAC samples the columns of ``S_n``: its reduce factors average to KFLR's (5 σ)."""
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(pooled, params, x))
+    exact = curvjax.kflr(pooled, params, batch, loss="mse", approximation="reduce")["w2"]
+
+    def sample(key):
+        out = curvjax.kfac(
+            pooled, params, batch, key=key, mc_samples=4, loss="mse", approximation="reduce"
+        )
+        return out["w2"].a, out["w2"].b
+
+    a, b = jax.jit(jax.vmap(sample))(jax.random.split(jax.random.key(3), 400))
+    np.testing.assert_allclose(a[0], exact.a, rtol=1e-12)  # A does not depend on the samples
+    mean, stderr = b.mean(0), b.std(0) / np.sqrt(b.shape[0])
+    assert np.all(np.abs(mean - exact.b) <= 5 * stderr + 1e-12)
+
+
+def test_expand_and_reduce_in_one_extract_do_not_share_parts():
+    """Two Kronecker quantities on the same vector set, one expand and one reduce, in one pass.
+
+    With positions pooled before the loss every position gets the same cotangent ``β``, so
+    expand's ``B = Σ_t ββᵀ`` and reduce's ``B = (Σ_t β)(Σ_t β)ᵀ`` differ by the factor ``T``.
+    """
+    name = "kflr_other_approximation"
+    quantities.register(
+        quantities.Quantity(
+            name,
+            lambda c, parts: kronecker.assemble(
+                c.p, parts, approximation=c.options[name]["approximation"]
+            ),
+            vectors="exact",
+            reduction="kron",
+            options={"approximation": "expand"},
+            curvature=True,
+        )
+    )
+    try:
+        params, x = _deep_linear_params(), _inputs()
+        batch = (x, _targets(pooled, params, x))
+        out = curvjax.extract(
+            pooled,
+            params,
+            batch,
+            ["kflr", name],
+            loss="mse",
+            options={"kflr": {"approximation": "reduce"}},
+        )
+    finally:
+        del quantities.REGISTRY[name]
+    reduce = curvjax.kflr(pooled, params, batch, loss="mse", approximation="reduce")
+    expand = curvjax.kflr(pooled, params, batch, loss="mse", approximation="expand")
+    for leaf in KERNELS:
+        np.testing.assert_allclose(out["kflr"][leaf].b, reduce[leaf].b, rtol=1e-12)
+        np.testing.assert_allclose(out[name][leaf].b, expand[leaf].b, rtol=1e-12)
+        assert _rel_gap(reduce[leaf].b, expand[leaf].b) > 0.05
+
+
+def test_unknown_approximation_is_an_error():
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(pooled, params, x))
+    with pytest.raises(ValueError, match="'expand'"):
+        curvjax.kflr(pooled, params, batch, loss="mse", approximation="mean")
+
+
+# --- tied weights ----------------------------------------------------------------------------
+def _square_params():
+    return {"w": jax.random.normal(jax.random.key(4), (D, D)) / np.sqrt(D)}
+
+
+def halves(p, x):
+    """One weight applied by two taps, to the two positions of ``x [N, 2, D]``."""
+    return jnp.concatenate([x[:, 0] @ p["w"], x[:, 1] @ p["w"]], axis=-1)
+
+
+def halves_pooled(p, x):
+    return (x[:, 0] @ p["w"] + x[:, 1] @ p["w"]) / 2
+
+
+def shared(p, x):
+    """The same weight as one tap shared over the two positions."""
+    return (x @ p["w"]).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    ("fn", "approximation"), [(halves, "expand"), (halves_pooled, "reduce")], ids=str
+)
+def test_tied_uses_count_as_positions(fn, approximation):
+    """Two taps of one weight = one tap shared over two positions: same block, and exact where
+    expand / reduce are exact (per-position MSE / positions averaged before the loss)."""
+    params, x = _square_params(), _inputs(t=2)
+    batch = (x, _targets(fn, params, x))
+    tied = curvjax.kflr(fn, params, batch, loss="mse", approximation=approximation)["w"]
+    assert isinstance(tied, curvjax.KroneckerBlock)
+    want = ggn_block(fn, params, batch, "w", "mean")
+    assert _rel_gap(curvjax.block_to_dense(tied), want) < 1e-10
+    if fn is halves:
+        one_tap = curvjax.kflr(shared, params, batch, loss="mse", approximation=approximation)
+        np.testing.assert_allclose(tied.a, one_tap["w"].a, rtol=1e-12)
+        np.testing.assert_allclose(tied.b, one_tap["w"].b, rtol=1e-12)
+
+
+def twice(p, x):
+    """One weight applied in two consecutive layers: ``x W W``."""
+    return x @ p["w"] @ p["w"]
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_tied_layers_follow_their_definition(approximation):
+    """``x W W``: the block is the Kronecker product of the factors summed over the two uses
+    (definition computed from dense per-use inputs and output Jacobians), not the exact block."""
+    params, x = _square_params(), _inputs(t=1)[:, 0]
+    batch = (x, _targets(twice, params, x))
+    got = curvjax.kflr(twice, params, batch, loss="mse", approximation=approximation)["w"]
+    w = params["w"]
+    inputs = [x, x @ w]  # a_u of the two uses, [N, D]
+
+    def perturbed(e1, e2):
+        return (x @ w + e1) @ w + e2
+
+    zeros = jnp.zeros((N, D))
+    jacs = jax.jacobian(perturbed, argnums=(0, 1))(zeros, zeros)  # [N, C, N, D] each
+    rows = jnp.arange(N)
+    jacs = [j[rows, :, rows] for j in jacs]  # [N, C, D]: ∂f_n / ∂(output of use u of example n)
+    kappa, hess = 1.0 / N, 2.0  # MSE: H_n = 2 I
+    if approximation == "expand":  # uses as positions: T' = 2
+        a = sum(u.T @ u for u in inputs) / (N * 2)
+        b = sum(kappa * hess * jnp.einsum("ncd,nce->de", j, j) for j in jacs)
+    else:
+        mean = sum(inputs) / 2
+        a = mean.T @ mean / N
+        total = sum(jacs)  # Σ_u of the per-example cotangent maps
+        b = kappa * hess * jnp.einsum("ncd,nce->de", total, total)
+    np.testing.assert_allclose(got.a[0], a, rtol=1e-10)
+    np.testing.assert_allclose(got.b[0], b, rtol=1e-10)
+    exact = ggn_block(twice, params, batch, "w", "mean")
+    assert _rel_gap(curvjax.block_to_dense(got), exact) > 0.05  # cross terms are left out
+
+
+def tied_embedding(p, tokens):
+    """Embedding lookup (``take``) tied with the output projection (``h Eᵀ``)."""
+    h = jnp.take(p["embed"], tokens, axis=0).mean(axis=1)  # [N, D]
+    return h @ p["proj"] @ p["embed"].T  # [N, V]
+
+
+def test_tied_embedding_gets_the_exact_diagonal():
+    """A lookup and a transposed projection do not share one Kronecker layout: the leaf gets the
+    diagonal of its exact GGN block (cross terms between the two uses included)."""
+    vocab = 6
+    keys = jax.random.split(jax.random.key(5), 3)
+    params = {
+        "embed": jax.random.normal(keys[0], (vocab, D)),
+        "proj": jax.random.normal(keys[1], (D, D)) / np.sqrt(D),
+    }
+    tokens = jax.random.randint(keys[2], (N, T), 0, vocab)
+    batch = (tokens, _targets(tied_embedding, params, tokens))
+    blocks = curvjax.kflr(tied_embedding, params, batch, loss="mse")
+    assert isinstance(blocks["embed"], curvjax.DiagonalBlock)
+    want = jnp.diag(ggn_block(tied_embedding, params, batch, "embed", "mean"))
+    got = jnp.diag(curvjax.block_to_dense(blocks["embed"]))
+    assert _rel_gap(got, want) < 1e-10
