@@ -220,3 +220,26 @@ def test_errors_name_the_problem():
     curvjax.batch_l2(apply_fn, params, (x, y_bad, mask))
     with pytest.raises(ValueError, match="labels must lie in"):
         curvjax.batch_l2(apply_fn, params, (x, y_bad))
+
+
+def test_hessian_diag_uses_the_exact_output_hessian_of_gaussian_nll():
+    """``gaussian_nll``'s factor is its (PSD) Fisher; the exact Hessian diagonal must use the
+    signed exact output Hessian instead (reference: ``jax.hessian`` of the loss written here)."""
+    params = _params()
+    x, _, mask = _data("mse")
+    y = jax.random.normal(jax.random.key(3), (N, T, C // 2))
+
+    def nll(f, yp):  # -log N(y; μ, e^s) with mean μ = f[:C/2], log-variance s = f[C/2:]
+        mu, s = f[: C // 2], f[C // 2 :]
+        return 0.5 * jnp.sum(jnp.log(2 * jnp.pi) + s + (yp - mu) ** 2 * jnp.exp(-s))
+
+    def total(p):
+        f = apply_fn(p, x)
+        return jnp.sum(mask * jax.vmap(jax.vmap(nll))(f, y)) / jnp.sum(mask)
+
+    flat, unravel = ravel_pytree(params)
+    hess = jax.hessian(lambda v: total(unravel(v)))(flat)
+    kw = dict(loss="gaussian_nll", reduction="token_mean")
+    out = curvjax.extract(apply_fn, params, (x, y, mask), ["hessian_diag"], **kw)
+    np.testing.assert_allclose(out["loss"], total(params), **TOL)
+    np.testing.assert_allclose(_flat(out["hessian_diag"]), jnp.diag(hess), **TOL)

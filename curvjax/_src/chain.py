@@ -180,12 +180,12 @@ def chain_factors(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, a feed-forward chain of dense
         layers with elementwise operations between them.
       params: parameter pytree; every float leaf must be a chain kernel or a folded bias.
-      batch: ``(inputs, targets)``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       quantity: ``"kfac"`` (Monte-Carlo, needs ``key``) or ``"kflr"`` (exact columns).
       key: PRNG key for ``"kfac"``.
       mc_samples: Monte-Carlo columns per example for ``"kfac"``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
 
     Returns:
       ``{"loss": L, "grad": ∇L (like params), "chain_factors": ChainFactors}``.

@@ -87,9 +87,9 @@ def _check_exact(p: backprop.Pass) -> None:
 def hessian_diag_of(p: backprop.Pass) -> list:
     """Exact ``diag(∇²L)`` from a pass recorded with ``residuals=True``."""
     _check_exact(p)
-    s_cols = ggn_columns(p)  # [N, K, *P, C]
+    s_cols, signs = p.objective.signed_columns(p.outputs)  # [N, K, *P, C], [N, K]
     n = s_cols.shape[0]
-    out_parts, probe_parts, weight_parts = [s_cols], [], [jnp.ones(s_cols.shape[:2], s_cols.dtype)]
+    out_parts, probe_parts, weight_parts = [s_cols], [], [signs.astype(s_cols.dtype)]
     zero_probes = {
         q.id: tuple(jnp.zeros((n, s_cols.shape[1], *u.shape[1:]), u.dtype) for u in p.probes[q.id])
         for q in p.model.nodes

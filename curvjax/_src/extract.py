@@ -41,12 +41,12 @@ def extract(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
       params: parameter pytree.
-      batch: ``(inputs, targets)``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       quantities: names from ``"per_example_grads"``, ``"batch_l2"``, ``"sum_grad_squared"``,
         ``"variance"``, ``"ggn_diag"``, ``"ggn_diag_mc"``, ``"hessian_diag"`` (exact),
         ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"chain_factors"``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       key: PRNG key for the Monte-Carlo quantities.
       mc_samples: default number of sampled columns ``M`` per example.
       options: per-quantity options overriding the defaults, e.g.

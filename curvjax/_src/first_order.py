@@ -26,10 +26,12 @@ def grad(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function.
       params: parameter pytree.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"`` (integer labels), ``"mse"`` (``ℓ = ||f - y||²``) or a
         :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
 
     Returns:
       A pytree like ``params``; ``None`` at non-floating-point leaves.
@@ -64,9 +66,12 @@ def per_example_grads(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently (no batch statistics).
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``), ``"sum"`` (``g_n = ∇ℓ_n``) or
+        ``"token_mean"`` (``g_n = ∇ℓ_n / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params`` with leaves of shape ``[N, *leaf.shape]``.
@@ -106,9 +111,12 @@ def batch_l2(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently (no batch statistics).
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``), ``"sum"`` (``g_n = ∇ℓ_n``) or
+        ``"token_mean"`` (``g_n = ∇ℓ_n / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params`` with leaves of shape ``[N]``.
@@ -142,9 +150,12 @@ def sum_grad_squared(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently (no batch statistics).
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``), ``"sum"`` (``g_n = ∇ℓ_n``) or
+        ``"token_mean"`` (``g_n = ∇ℓ_n / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params``.
@@ -178,9 +189,12 @@ def variance(
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
         examples independently (no batch statistics).
       params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
-      batch: ``(inputs, targets)``; ``inputs`` has a leading batch axis ``N``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``) or ``"sum"`` (``g_n = ∇ℓ_n``).
+      reduction: ``"mean"`` (``g_n = ∇ℓ_n / N``), ``"sum"`` (``g_n = ∇ℓ_n``) or
+        ``"token_mean"`` (``g_n = ∇ℓ_n / Σ_{n,p} w_{n,p}``).
 
     Returns:
       A pytree like ``params``.

@@ -78,15 +78,19 @@ class Objective(NamedTuple):
         f, y, w = self._flat(f, y, w)
         return jnp.sum(w * jax.vmap(self.loss.value)(f, y))
 
-    def _example_columns(self, f, y, w):
-        """``[|P| K, *P, C]``: ``√w_p S_p e_k`` at position ``p``."""
+    def _example_columns(self, f, y, w, signed=False):
+        """``[|P| K, *P, C]``: ``√w_p S_p e_k`` at position ``p`` (and the signs ``[|P| K]`` of
+        the exact output Hessian's factor when ``signed``)."""
         shape = f.shape
         f, y, w = self._flat(f, y, w)
-        s = jax.vmap(self.loss.hessian_factor)(f, y)  # [Q, C, K]
+        if signed:
+            s, signs = jax.vmap(self.loss.signed_hessian_factor)(f, y)  # [Q, C, K], [Q, K]
+        else:
+            s = jax.vmap(self.loss.hessian_factor)(f, y)  # [Q, C, K]
         s = (jnp.sqrt(w)[:, None, None] * s).astype(f.dtype)
         q, c, k = s.shape
-        cols = jnp.einsum("pck,pr->pkrc", s, jnp.eye(q, dtype=s.dtype))
-        return cols.reshape(q * k, *shape)
+        cols = jnp.einsum("pck,pr->pkrc", s, jnp.eye(q, dtype=s.dtype)).reshape(q * k, *shape)
+        return (cols, signs.reshape(q * k).astype(f.dtype)) if signed else cols
 
     def _example_mc(self, key, f, w, mc_samples):
         """``[M, *P, C]``: one sampled target per position and column, ``√(w_p / M)`` scaled."""
@@ -127,6 +131,15 @@ class Objective(NamedTuple):
         """``[N, |P| K, *P, C]``: the columns of ``√κ ⊕_p √w_{n,p} S_{n,p}``."""
         cols = jax.vmap(self._example_columns)(outputs, self.targets, self.weights)
         return (jnp.sqrt(self.scale) * cols).astype(outputs.dtype)
+
+    def signed_columns(self, outputs: Array) -> tuple[Array, Array]:
+        """``([N, |P| K, *P, C], signs [N, |P| K])``: columns ``u`` and signs ``d`` of the exact
+        output Hessian, ``Σ_k d_k u_k u_kᵀ = κ ⊕_p w_{n,p} ∇²ℓ_{n,p}`` (equal to
+        :meth:`factor_columns` with ``d = 1`` unless the loss's factor is a positive-semidefinite
+        surrogate, e.g. ``gaussian_nll``)."""
+        fn = lambda f, y, w: self._example_columns(f, y, w, signed=True)  # noqa: E731
+        cols, signs = jax.vmap(fn)(outputs, self.targets, self.weights)
+        return (jnp.sqrt(self.scale) * cols).astype(outputs.dtype), signs
 
     def mc_columns(self, key, outputs: Array, mc_samples: int) -> Array:
         """``[N, M, *P, C]`` Monte-Carlo columns, ``E[S̃ S̃ᵀ] = κ ⊕_p w_{n,p} ∇²ℓ_{n,p}``."""

@@ -105,10 +105,10 @@ def hvp(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
       params: parameter pytree.
-      batch: ``(inputs, targets)``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       vector: a pytree like ``params`` (entries at non-float leaves are ignored).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
 
     Returns:
       A pytree like ``params`` (``None`` at non-float leaves).
@@ -142,10 +142,10 @@ def ggn_vp(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
       params: parameter pytree.
-      batch: ``(inputs, targets)``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       vector: a pytree like ``params`` (entries at non-float leaves are ignored).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
 
     Returns:
       A pytree like ``params`` (``None`` at non-float leaves).
