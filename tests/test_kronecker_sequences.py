@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import curvjax
+import curvjax.optim
 from curvjax._src import kronecker, quantities
 
 N, T, D, H, C = 3, 4, 3, 5, 2
@@ -296,3 +297,62 @@ def test_tied_embedding_gets_the_exact_diagonal():
     want = jnp.diag(ggn_block(tied_embedding, params, batch, "embed", "mean"))
     got = jnp.diag(curvjax.block_to_dense(blocks["embed"]))
     assert _rel_gap(got, want) < 1e-10
+
+
+# --- optimizers --------------------------------------------------------------------------------
+def test_scale_by_kfac_uses_the_approximation():
+    """The convenience path computes its factors with the chosen approximation: its direction
+    equals the one-pass direction from ``kflr(..., approximation="reduce")``, not expand's."""
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(pooled, params, x))
+    grads = jax.grad(lambda p: jnp.mean(jnp.sum((pooled(p, x) - batch[1]) ** 2, -1)))(params)
+
+    def direction(approximation, curvature):
+        opt = curvjax.optim.scale_by_kfac(
+            pooled,
+            x,
+            damping=0.1,
+            quantity="kflr",
+            loss="mse",
+            approximation=approximation,
+        )
+        state = opt.init(params)
+        if curvature is None:
+            return opt.update(grads, state, params, batch=batch)[0]
+        return opt.update(grads, state, params, curvature=curvature)[0]
+
+    convenience = direction("reduce", None)
+    for approximation, gap in (("reduce", False), ("expand", True)):
+        blocks = curvjax.kflr(pooled, params, batch, loss="mse", approximation=approximation)
+        one_pass = direction("expand", blocks)  # the transform's option only acts without curvature
+        rel = _rel_gap(convenience["w1"], one_pass["w1"])
+        assert (rel > 0.05) if gap else (rel < 1e-10), approximation
+
+
+def test_noisy_kfac_uses_the_approximation():
+    """Without noise (ρ = 0) and one sample, the first step's factors are ``kfac(...)`` with the
+    documented key split and the chosen approximation (β₀ = 1: no old factors mixed in)."""
+    params, x = _deep_linear_params(), _inputs()
+    batch = (x, _targets(pooled, params, x))
+    opt = curvjax.optim.scale_by_noisy_kfac(
+        pooled, x, rho=0.0, damping=0.1, loss="mse", approximation="reduce"
+    )
+    key = jax.random.key(6)
+    _, state = opt.update(None, opt.init(params), params, batch=batch, key=key)
+    _, k_y = jax.random.split(jax.random.split(key, 1)[0])
+    for approximation, gap in (("reduce", False), ("expand", True)):
+        want = curvjax.kfac(
+            pooled, params, batch, key=k_y, loss="mse", approximation=approximation
+        )["w2"]
+        rel = _rel_gap(state.factors["w2"].b, want.b)
+        assert (rel > 0.05) if gap else (rel < 1e-10), approximation
+
+
+def test_optimizers_reject_an_unknown_approximation():
+    x = _inputs()
+    with pytest.raises(ValueError, match="'reduce'"):
+        curvjax.optim.scale_by_kfac(pooled, x, approximation="sum")
+    with pytest.raises(ValueError, match="block='diagonal'"):
+        curvjax.optim.kfac(pooled, x, block="tridiagonal", approximation="reduce")
+    with pytest.raises(ValueError, match="'reduce'"):
+        curvjax.optim.scale_by_noisy_kfac(pooled, x, rho=0.0, damping=0.1, approximation="sum")

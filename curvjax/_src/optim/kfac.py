@@ -21,7 +21,7 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from curvjax._src import blocks as blocks_lib
-from curvjax._src import chain, products
+from curvjax._src import chain, kronecker, products
 from curvjax._src import extract as extract_lib
 from curvjax._src import taps as taps_lib
 from curvjax._src.optim import precondition as pre
@@ -82,7 +82,25 @@ def _ema(old, new, decay):
 class _Core:
     """The parts shared by :func:`scale_by_kfac` and :func:`kfac`."""
 
-    def __init__(self, apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples):
+    def __init__(
+        self,
+        apply_fn,
+        example_inputs,
+        block,
+        quantity,
+        loss,
+        reduction,
+        mc_samples,
+        approximation="expand",
+    ):
+        kronecker.check_approximation(approximation)
+        if approximation != "expand" and (block != "diagonal" or quantity == "kfra"):
+            raise ValueError(
+                f"approximation={approximation!r} applies to quantity 'kfac' or 'kflr' with "
+                "block='diagonal' (KFRA and the tridiagonal blocks take chains of dense layers "
+                "that share no weight over positions, where expand and reduce coincide)."
+            )
+        self.approximation = approximation
         if block not in BLOCK_KINDS:
             raise ValueError(f"`block` must be one of {BLOCK_KINDS}, got {block!r}.")
         allowed = ("kfac", "kflr", "kfra") if block == "diagonal" else ("kfac", "kflr")
@@ -150,6 +168,11 @@ class _Core:
                 loss=self.loss,
                 reduction=self.reduction,
                 mc_samples=self.mc_samples,
+                options=(
+                    {self.quantity: {"approximation": self.approximation}}
+                    if self.quantity in ("kfac", "kflr")
+                    else None
+                ),
             )
         if self.block == "tridiagonal":
             if not isinstance(curvature, chain.ChainFactors):
@@ -229,6 +252,7 @@ def scale_by_kfac(
     loss: LossLike = "cross_entropy",
     reduction: str = "mean",
     mc_samples: int = 1,
+    approximation: str = "expand",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning with moving-averaged factors (fixed damping).
 
@@ -265,6 +289,9 @@ def scale_by_kfac(
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"`` or ``"sum"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
+      approximation: ``"expand"`` (default) or ``"reduce"``: the factors of weights shared over
+        positions in the convenience path with ``quantity="kfac"`` or ``"kflr"`` (see
+        :func:`curvjax.kfac`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByKfacState`.
@@ -289,7 +316,9 @@ def scale_by_kfac(
       Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
       curvature", ICML 2015, §4.2-4.3, §5 (moving averages), §6.3 (factored Tikhonov damping).
     """
-    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
+    core = _Core(
+        apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples, approximation
+    )
 
     def init(params):
         factors, inverse = core.init(params)
@@ -378,6 +407,7 @@ def kfac(
     loss: LossLike = "cross_entropy",
     reduction: str = "mean",
     mc_samples: int = 1,
+    approximation: str = "expand",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC with adaptive damping and the quadratic-model step size and momentum.
 
@@ -427,6 +457,9 @@ def kfac(
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"`` or ``"sum"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
+      approximation: ``"expand"`` (default) or ``"reduce"``: the factors of weights shared over
+        positions in the convenience path with ``quantity="kfac"`` or ``"kflr"`` (see
+        :func:`curvjax.kfac`).
       momentum: solve for the momentum ``μ`` as well (else ``μ = 0``).
       adapt_damping: apply the Levenberg-Marquardt rule (else ``λ`` stays fixed).
       adaptation_interval: ``T₁``.
@@ -459,7 +492,9 @@ def kfac(
       Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
       curvature", ICML 2015, §6.3-6.5 (damping), §7 (step size and momentum).
     """
-    core = _Core(apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples)
+    core = _Core(
+        apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples, approximation
+    )
     if adaptation_interval < 1:
         raise ValueError(f"`adaptation_interval` must be ≥ 1, got {adaptation_interval}.")
     omega = damping_decay**adaptation_interval

@@ -32,6 +32,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
+from curvjax._src import kronecker
 from curvjax._src.blocks import DiagonalBlock
 from curvjax._src.optim import precondition as pre
 from curvjax._src.typing import ApplyFn, LossLike
@@ -294,6 +295,7 @@ def scale_by_noisy_kfac(
     factored_damping: bool = True,
     loss: LossLike = "cross_entropy",
     sample_batch_size: int | None = None,
+    approximation: str = "expand",
 ) -> optax.GradientTransformationExtraArgs:
     """Noisy K-FAC preconditioning: moving-averaged Kronecker factors and the posterior they define.
 
@@ -355,6 +357,8 @@ def scale_by_noisy_kfac(
         convenience path.
       sample_batch_size: in the convenience path, how many weight samples to evaluate together
         (``None``: all ``M``, fastest; memory grows with ``M`` times one pass).
+      approximation: ``"expand"`` (default) or ``"reduce"``, the K-FAC factors of weights shared
+        over positions in the convenience path (see :func:`curvjax.kfac`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`NoisyKfacState`.
@@ -397,11 +401,15 @@ def scale_by_noisy_kfac(
         )
         return NoisyKfacState(jnp.zeros([], jnp.int32), factors, posterior)
 
+    options = {"kfac": {"approximation": kronecker.check_approximation(approximation)}}
+
     def estimate(params, state, batch, key):
         def one(k):
             k_theta, k_y = jax.random.split(k)
             theta = noisy_kfac_sample(params, state, k_theta)
-            out = extract_lib.extract(apply_fn, theta, batch, ["kfac"], loss=loss, key=k_y)
+            out = extract_lib.extract(
+                apply_fn, theta, batch, ["kfac"], loss=loss, key=k_y, options=options
+            )
             return out["grad"], out["kfac"]
 
         return _map_samples(one, jax.random.split(key, num_samples), sample_batch_size)
@@ -482,6 +490,7 @@ def noisy_kfac(
     factored_damping: bool = True,
     loss: LossLike = "cross_entropy",
     sample_batch_size: int | None = None,
+    approximation: str = "expand",
 ) -> optax.GradientTransformationExtraArgs:
     """Noisy K-FAC with ``M`` weight samples per step (KFAC-VI), chained from optax pieces.
 
@@ -532,6 +541,7 @@ def noisy_kfac(
       factored_damping: as for :func:`scale_by_noisy_kfac`.
       loss: as for :func:`scale_by_noisy_kfac`.
       sample_batch_size: as for :func:`scale_by_noisy_kfac`.
+      approximation: as for :func:`scale_by_noisy_kfac`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its state is a tuple whose first entry is the
@@ -586,6 +596,7 @@ def noisy_kfac(
             factored_damping=factored_damping,
             loss=loss,
             sample_batch_size=sample_batch_size,
+            approximation=approximation,
         ),
         optax.masked(tail, _float_mask),
     )

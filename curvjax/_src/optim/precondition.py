@@ -55,7 +55,9 @@ def curvature_leaves(curvature, updates) -> list:
     return blocks
 
 
-def compute_curvature(quantity, apply_fn, params, batch, key, *, loss, reduction, mc_samples):
+def compute_curvature(
+    quantity, apply_fn, params, batch, key, *, loss, reduction, mc_samples, options=None
+):
     """The convenience path: ``quantity`` of ``apply_fn`` at ``params`` on ``batch``."""
     if quantity is None:
         raise ValueError(
@@ -80,6 +82,7 @@ def compute_curvature(quantity, apply_fn, params, batch, key, *, loss, reduction
         reduction=reduction,
         key=key,
         mc_samples=mc_samples,
+        options=options,
     )
     return out[quantity]
 
