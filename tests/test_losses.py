@@ -163,6 +163,41 @@ def test_target_checks(name, good, bad, message):
         loss.check_targets(outputs, bad)
 
 
+def _position_targets(name, n, t):
+    """Targets [N, T] or [N, T, ·] for outputs [N, T, C]."""
+    key = jax.random.key(11)
+    if name in ("cross_entropy", "label_smoothing"):
+        return jax.random.randint(key, (n, t), 0, C)
+    if name == "soft_cross_entropy":
+        return jax.nn.softmax(jax.random.normal(key, (n, t, C), dtype=jnp.float64), axis=-1)
+    if name == "sigmoid_binary_cross_entropy":
+        return jax.random.uniform(key, (n, t, C), dtype=jnp.float64)
+    if name == "gaussian_nll":
+        return jax.random.normal(key, (n, t, C // 2), dtype=jnp.float64)
+    return jax.random.normal(key, (n, t, C), dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("cross_entropy", "mse")])
+def test_ggn_diag_of_each_loss_on_positions(name):
+    """curvjax.ggn_diag with outputs [N, T, C] against κ Σ_{n,t} diag(J_{n,t}ᵀ H_{n,t} J_{n,t}),
+    H from jax.hessian of the independent formula (the quadrature Fisher for gaussian_nll)."""
+    n, t = 3, 2
+    w = jax.random.normal(jax.random.key(0), (3, C), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (n, t, 3), dtype=jnp.float64)
+    y = _position_targets(name, n, t)
+    apply_fn = lambda p, xs: jnp.tanh(xs @ p)  # noqa: E731
+    got = curvjax.ggn_diag(apply_fn, w, (x, y), loss=_loss(name), reduction="mean")
+    jac = jax.jacobian(apply_fn)(w, x).reshape(n * t, C, -1)  # [NT, C, D]
+    f = apply_fn(w, x).reshape(n * t, C)
+    yf = y.reshape(n * t, *y.shape[2:])
+    if name == "gaussian_nll":
+        hess = jax.vmap(_gaussian_fisher)(f)
+    else:
+        hess = jax.vmap(jax.hessian(_independent_value, argnums=1), (None, 0, 0))(name, f, yf)
+    want = jnp.einsum("qcd,qce,qed->d", jac, hess, jac) / n
+    np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-10, atol=1e-14)
+
+
 def test_gaussian_nll_needs_an_even_number_of_outputs():
     with pytest.raises(ValueError, match=r"'gaussian_nll'.*even.*\(3, 5\)"):
         losses.gaussian_nll.check_targets(jax.ShapeDtypeStruct((3, 5), jnp.float32), np.zeros(3))
