@@ -7,8 +7,8 @@ References are dense and never call curvjax: the GGN block of one leaf is
 Exactness (Eschenhagen et al., NeurIPS 2023, §3), for a deep linear network ``f = W_L ⋯ W_1 x``
 applied to every position ``t`` of ``x_n [T, d]`` and MSE (``H_n = 2 I``):
 
-* per-position terms (outputs ``[N, T, C]``, flattened to ``[N, T·C]``, whose MSE is the sum of
-  the per-position MSEs): the cotangent of layer ``l`` at position ``t`` only reaches output
+* per-position terms (outputs ``[N, T, C]``, and the same flattened to ``[N, T·C]``, whose MSE
+  is the same sum of the per-position MSEs): the cotangent of layer ``l`` at position ``t`` only reaches output
   position ``t`` through the same ``J = W_L ⋯ W_{l+1}``, so ``G = Σ_{n,t} a aᵀ ⊗ κ Jᵀ H J`` and
   expand's ``(1/(NT) Σ a aᵀ) ⊗ (Σ_{n,t,c} b bᵀ = NT κ JᵀHJ)`` is exact for every kernel;
 * positions averaged before the loss (outputs ``[N, C]``): every position's cotangent is the same
@@ -48,7 +48,12 @@ def _deep_linear(p, x):
 
 
 def per_position(p, x):
-    """Per-position outputs flattened to ``[N, T·C]`` (their MSE sums the positions' MSEs)."""
+    """Per-position outputs ``[N, T, C]``: the loss of an example sums the positions' MSEs."""
+    return _deep_linear(p, x)
+
+
+def per_position_flat(p, x):
+    """The same outputs flattened to ``[N, T·C]`` (whose MSE is the same sum)."""
     return _deep_linear(p, x).reshape(x.shape[0], -1)
 
 
@@ -73,9 +78,10 @@ def ggn_block(fn, params, batch, leaf, reduction):
     def outputs(w):
         return fn(dict(params, **{leaf: w}), x)
 
-    jac = jax.jacobian(outputs)(params[leaf])  # [N, C_out, *leaf.shape]
-    jac = jac.reshape(jac.shape[0], jac.shape[1], -1)
-    f = outputs(params[leaf])
+    n = x.shape[0]
+    jac = jax.jacobian(outputs)(params[leaf])  # [N, *P, C, *leaf.shape]
+    jac = jac.reshape(n, -1, np.size(params[leaf]))  # [N, |P|·C, D]
+    f, y = outputs(params[leaf]).reshape(n, -1), y.reshape(n, -1)
     hess = jax.vmap(jax.hessian(lambda f, y: jnp.sum((f - y) ** 2)))(f, y)  # [N, C_out, C_out]
     kappa = 1.0 / x.shape[0] if reduction == "mean" else 1.0
     return kappa * jnp.einsum("nci,ncd,ndj->ij", jac, hess, jac)
@@ -92,8 +98,8 @@ KERNELS = ("w1", "w2", "w3")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(
     ("fn", "approximation"),
-    [(per_position, "expand"), (pooled, "reduce")],
-    ids=["expand", "reduce"],
+    [(per_position, "expand"), (per_position_flat, "expand"), (pooled, "reduce")],
+    ids=["expand", "expand-flat", "reduce"],
 )
 def test_kflr_is_exact_for_deep_linear_networks(fn, approximation, reduction):
     params, x = _deep_linear_params(), _inputs()
