@@ -243,3 +243,19 @@ def test_hessian_diag_uses_the_exact_output_hessian_of_gaussian_nll():
     out = curvjax.extract(apply_fn, params, (x, y, mask), ["hessian_diag"], **kw)
     np.testing.assert_allclose(out["loss"], total(params), **TOL)
     np.testing.assert_allclose(_flat(out["hessian_diag"]), jnp.diag(hess), **TOL)
+
+
+@pytest.mark.parametrize("max_unrolled", [48, 2])
+def test_exact_columns_made_in_chunks(monkeypatch, max_unrolled):
+    """The exact columns with positions are made a chunk at a time (unrolled, or in a loop whose
+    last chunk is padded with index 0): ``ggn_diag`` still equals the dense GGN's diagonal."""
+    from curvjax._src import chunking
+
+    # 16 columns (4 positions x 4 classes) in chunks of 3: the sixth chunk is padded
+    monkeypatch.setattr(chunking, "column_chunk_size", lambda num, size: 3)
+    monkeypatch.setattr(chunking, "MAX_UNROLLED", max_unrolled)
+    params = _params()
+    batch, (x, y, w) = _batch("cross_entropy", True)
+    ggn, _ = _dense_ggn_and_hessian("cross_entropy", "sum", params, x, y, w)
+    out = curvjax.ggn_diag(apply_fn, params, batch, reduction="sum")
+    np.testing.assert_allclose(_flat(out), jnp.diag(ggn), **TOL)

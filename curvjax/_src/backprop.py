@@ -67,29 +67,36 @@ class Pass(NamedTuple):
 
         Args:
           fn: ``(tap id -> [N, m, *shape], weights [N, m]) -> pytree``, additive over vectors.
-          columns: ``[N, M, *P, C]`` output cotangents.
+          columns: ``[N, M, *P, C]`` output cotangents, or :class:`~curvjax._src.positions.Columns`
+            made a chunk at a time.
           weights: ``[N, M]`` (default ones), passed through to ``fn``.
           probe_columns, output_columns: as for :meth:`backpropagate`.
         """
-        n, m = columns.shape[:2]
-        weights = jnp.ones((n, m), columns.dtype) if weights is None else weights
+        lazy = isinstance(columns, positions.Columns)
+        n = self.model.num_examples
+        m = columns.count if lazy else columns.shape[1]
+        dtype = self.outputs.dtype
+        weights = jnp.ones((n, m), dtype) if weights is None else weights
         extra = (probe_columns, output_columns)
         per_vector = n * (_size(self.cots) + _size(self.probes) + _size(self.tap_outputs))
         chunk = chunking.column_chunk_size(m, per_vector)
 
         def one(xs):
             cols, w, (probes, outputs) = xs
+            if lazy:
+                cols = columns.make(cols)
             cots = self.backpropagate(cols, probes, outputs)
             return fn(cots, w)
 
-        xs = (columns, weights, extra)
-        moved = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), xs)  # vectors first
-        return chunking.chunked_sum(
-            lambda ys: one(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys)),
-            moved,
-            chunk,
-            unrolled=True,
-        )
+        # vectors first; lazy columns travel as their 1-based indices (0 = a padding vector)
+        first = jnp.arange(1, m + 1) if lazy else jnp.moveaxis(columns, 1, 0)
+        moved = (first, *jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (weights, extra)))
+
+        def back(ys):
+            head, rest = ys[0], jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), ys[1:])
+            return (head if lazy else jnp.moveaxis(head, 0, 1), *rest)
+
+        return chunking.chunked_sum(lambda ys: one(back(ys)), moved, chunk, unrolled=True)
 
 
 def _size(tree) -> int:

@@ -48,6 +48,19 @@ def split_batch(batch) -> tuple[Any, Any, Any]:
     return batch[0], batch[1], batch[2] if len(batch) == 3 else None
 
 
+class Columns(NamedTuple):
+    """``count`` output-cotangent columns made a chunk at a time.
+
+    Attributes:
+      count: the number ``M`` of columns.
+      make: ``make(index [m]) -> [N, m, *P, C]``, the columns of the 1-based indices ``index``
+        (index 0 makes a zero column, for padding).
+    """
+
+    count: int
+    make: Any
+
+
 class Objective(NamedTuple):
     """The reduced loss ``L = κ Σ_n Σ_p w_{n,p} ℓ(f_{n,p}, y_{n,p})`` of one batch.
 
@@ -131,6 +144,31 @@ class Objective(NamedTuple):
         """``[N, |P| K, *P, C]``: the columns of ``√κ ⊕_p √w_{n,p} S_{n,p}``."""
         cols = jax.vmap(self._example_columns)(outputs, self.targets, self.weights)
         return (jnp.sqrt(self.scale) * cols).astype(outputs.dtype)
+
+    def exact_columns(self, outputs: Array):
+        """:meth:`factor_columns`, as an array without positions and as :class:`Columns` made a
+        chunk at a time with positions (all at once they would hold ``N |P|² K C`` numbers)."""
+        if not self.positions:
+            return self.factor_columns(outputs)
+        n, q, c = outputs.shape[0], math.prod(self.positions), outputs.shape[-1]
+
+        def factors(f, y, w):  # [Q K, C]: √w_p S_p e_k, indexed p K + k
+            f, y, w = self._flat(f, y, w)
+            s = jax.vmap(self.loss.hessian_factor)(f, y)  # [Q, C, K]
+            return jnp.swapaxes(jnp.sqrt(w)[:, None, None] * s, 1, 2).reshape(-1, c)
+
+        flat = jax.vmap(factors)(outputs, self.targets, self.weights)  # [N, Q K, C]
+        flat = (jnp.sqrt(self.scale) * flat).astype(outputs.dtype)
+        k = flat.shape[1] // q
+
+        def make(index):
+            j = jnp.maximum(index - 1, 0)
+            vals = flat[:, j] * (index > 0).astype(flat.dtype)[None, :, None]  # [N, m, C]
+            where = jax.nn.one_hot(j // k, q, dtype=flat.dtype)  # [m, Q]
+            cols = vals[:, :, None, :] * where[None, :, :, None]  # [N, m, Q, C]
+            return cols.reshape(n, index.shape[0], *self.positions, c)
+
+        return Columns(q * k, make)
 
     def signed_columns(self, outputs: Array) -> tuple[Array, Array]:
         """``([N, |P| K, *P, C], signs [N, |P| K])``: columns ``u`` and signs ``d`` of the exact

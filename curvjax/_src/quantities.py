@@ -67,9 +67,9 @@ REDUCTIONS: dict[str, Callable] = {
     "chain": lambda p, cols, weights: chain.output_factors(p, cols),
 }
 
-#: The vector sets: ``(pass, key, options) -> columns [N, M, C]``.
+#: The vector sets: ``(pass, key, options) -> columns [N, M, *P, C]`` (or ``positions.Columns``).
 VECTOR_SETS: dict[str, Callable] = {
-    "exact": lambda p, key, options: diagonals.ggn_columns(p),
+    "exact": lambda p, key, options: p.objective.exact_columns(p.outputs),
     "mc": lambda p, key, options: diagonals.mc_columns(p, key, options["mc_samples"]),
 }
 _SET_OPTIONS = {"exact": (), "mc": ("mc_samples",)}

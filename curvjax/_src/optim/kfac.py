@@ -287,7 +287,7 @@ def scale_by_kfac(
       quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
         ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
       approximation: ``"expand"`` (default) or ``"reduce"``: the factors of weights shared over
         positions in the convenience path with ``quantity="kfac"`` or ``"kflr"`` (see
@@ -343,11 +343,9 @@ def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
     w = products.whole_batch(apply_fn, params, batch, loss, reduction)
     floats, reduced, from_tree = w.floats, w.reduced, w.from_tree
     f0, jvp = jax.linearize(w.outputs, floats)
-    cols = w.objective.factor_columns(f0)  # [N, K, *P, C], √κ included
-    n, k = cols.shape[:2]
-    cols = cols.reshape(n, k, -1)
-    projected = [jnp.einsum("nkc,nc->nk", cols, jvp(from_tree(v)).reshape(n, -1)) for v in vectors]
-    q = jnp.stack([jnp.stack([jnp.sum(u * v) for v in projected]) for u in projected])
+    j_vs = [jvp(from_tree(v)) for v in vectors]  # [N, *P, C] each
+    h_j_vs = [w.objective.hessian_times(f0, u) for u in j_vs]  # κ H J v, per position
+    q = jnp.stack([jnp.stack([jnp.sum(u * h) for h in h_j_vs]) for u in j_vs])
     value = w.objective.value(f0)
 
     def loss_at(shifted):
@@ -455,7 +453,7 @@ def kfac(
       quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
         ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
-      reduction: ``"mean"`` or ``"sum"``.
+      reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
       approximation: ``"expand"`` (default) or ``"reduce"``: the factors of weights shared over
         positions in the convenience path with ``quantity="kfac"`` or ``"kflr"`` (see

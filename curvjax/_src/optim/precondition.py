@@ -141,7 +141,7 @@ def precondition_by_curvature(
       apply_fn: for the convenience path, ``apply_fn(params, inputs) -> outputs [N, C]``.
       loss: for the convenience path: ``"cross_entropy"``, ``"mse"`` or a
         :class:`curvjax.losses.Loss`.
-      reduction: for the convenience path: ``"mean"`` or ``"sum"``.
+      reduction: for the convenience path: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       mc_samples: for the convenience path: Monte-Carlo samples per example.
 
     Returns:
