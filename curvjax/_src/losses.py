@@ -41,8 +41,6 @@ from jaxtyping import Float
 
 Array = jax.Array
 
-REDUCTIONS = ("mean", "sum")
-
 
 def _eigh_factor(value: Callable, f: Array, y: Any) -> Array:
     """``V diag(√max(λ, 0))`` of the eigendecomposition of ``∇²_f value(f, y)``."""
@@ -629,12 +627,3 @@ def resolve(loss: str | Loss) -> Loss:
         "`curvjax.losses.cross_entropy_with_label_smoothing(alpha)`, or a `curvjax.losses.Loss` "
         "that supplies the per-position value (and optionally the output-Hessian factor)."
     )
-
-
-def reduction_scale(reduction: str, num_examples: int) -> float:
-    """``κ`` in ``L = κ Σ_n ℓ_n``: ``1/N`` for ``"mean"``, ``1`` for ``"sum"``."""
-    if reduction == "mean":
-        return 1.0 / num_examples
-    if reduction == "sum":
-        return 1.0
-    raise ValueError(f"unsupported reduction {reduction!r}: use 'mean' or 'sum'.")
