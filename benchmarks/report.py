@@ -6,15 +6,16 @@ Usage::
     python benchmarks/report.py --check         # exit 1 if RESULTS.md is not up to date
     python benchmarks/report.py --results DIR --output FILE
 
-For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``) it writes one
+For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``, ``transformer``) it
+writes one
 current table per machine (``results/<experiment>-<machine>.json``: the newest run on that
 machine, CPU or GPU) with the machine described. Older runs are only in the changelog at the end:
 the files ``results/history/*.json`` (where ``harness.write_results`` moves a result it replaces),
 newest first, then ``results/CHANGELOG.md`` verbatim (tables written by hand before the results
 were kept as JSON).
 
-The experiment scripts use :func:`overhead_table` and :func:`curvature_table` to print their
-tables. This module imports no other benchmark script and needs neither jax nor torch.
+The experiment scripts use :func:`overhead_table`, :func:`curvature_table` and
+:func:`transformer_table` to print their tables. This module imports no other benchmark script and needs neither jax nor torch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ EXPERIMENTS = (
     ("curvature", "Second-order overhead (`curvature.py`), BackPACK Fig. 6 (right) and Fig. 9"),
     ("spectrum", "Hessian spectra against PyHessian (`spectrum.py`)"),
     ("optimizers", "Second-order optimizers against kfac-jax and Adam (`optimizers.py`)"),
+    ("transformer", "A GPT-style language model against curvlinops (`transformer.py`)"),
 )
 
 MIB = 2.0**20
@@ -174,6 +176,60 @@ def curvature_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def transformer_table(document: dict[str, Any]) -> str:
+    """The table of the language-model experiment: curvjax and curvlinops, ratios to the gradient."""
+    s = document["settings"]
+    jax_rows, peer = document["jax"], document.get("curvlinops") or {}
+    grad = jax_rows["grad"]
+    lines = [
+        f"#### GPT-style LM: {s['num_layers']} layers, width {s['width']}, {s['num_heads']} heads, "
+        f"T = {s['seq_len']}, V = {s['vocab']}, N = {s['n']}; {s['num_params']:,} parameters, "
+        f"{s['reduction']} cross-entropy",
+        "",
+        f"jax.grad: {grad['seconds'] * 1e3:.1f} ms, {_fmt(_ratio(grad['flops'], 1e9), 3)} GFLOP, "
+        f"temp {_fmt(_ratio(grad['temp_bytes'], MIB), 1)} MiB"
+        + (f"; torch forward + backward: {peer['grad']['seconds'] * 1e3:.1f} ms" if peer else "")
+        + f"; `extract` computes {', '.join(s['extract'])}.",
+        "",
+        "| quantity | curvjax ms | × jax.grad | × curvjax.grad | flops × grad | temp MiB "
+        "| compile s | curvlinops × backward | target | met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in jax_rows.items():
+        if name == "grad":
+            continue
+        peer_ratio = peer.get(name, {}).get("ratio")
+        target = s.get("targets", {}).get(name)
+        met = None
+        if name != "curvjax.grad" and (target is not None or peer_ratio is not None):
+            met = (target is None or row["ratio"] <= target) and (
+                peer_ratio is None or row["ratio"] <= peer_ratio
+            )
+        lines.append(
+            f"| {name} | {row['seconds'] * 1e3:.1f} | {row['ratio']:.2f} "
+            f"| {_fmt(row.get('ratio_to_curvjax_grad'))} "
+            f"| {_fmt(_ratio(row.get('flops'), grad.get('flops')))} "
+            f"| {_fmt(_ratio(row.get('temp_bytes'), MIB), 1)} | {_fmt(row['compile_seconds'], 1)} "
+            f"| {_fmt(peer_ratio)} | {_fmt(target)} | {_yes_no(met)} |"
+        )
+    factors = document.get("kfac_factors")
+    if factors:
+        parts = [
+            f"{approx}: max relative error {v['max_relative_error']:.1e} "
+            f"(scalar moved between the factors: {min(v['scales']):.4g} to {max(v['scales']):.4g})"
+            for approx, v in factors.items()
+        ]
+        lines += [
+            "",
+            "KFAC factors, curvjax against curvlinops (most probable label): "
+            + "; ".join(parts)
+            + ".",
+        ]
+    if document.get("failed_checks"):
+        lines += ["", f"**Failed checks**: {', '.join(document['failed_checks'])}."]
+    return "\n".join(lines)
+
+
 def machine_text(document: dict[str, Any]) -> str:
     """The machine, the versions, the load and the date of one run, as a paragraph."""
     env = document.get("environment", {})
@@ -227,6 +283,8 @@ def document_tables(document: dict[str, Any]) -> str:
         return "\n\n".join(overhead_table(summary) for summary in document["results"])
     if experiment == "curvature":
         return curvature_table(document["results"])
+    if experiment == "transformer":
+        return transformer_table(document)
     # spectrum.py and optimizers.py store their tables as printed (they have several shapes).
     return document.get("markdown", "(no tables in this file)")
 

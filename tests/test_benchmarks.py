@@ -132,3 +132,29 @@ def test_machine_id(cpu, cores, backend, kind, expected):
         sys.path.remove(str(BENCHMARKS))
     env = {"cpu_model": cpu, "usable_cores": cores, "jax_backend": backend, "device_kind": kind}
     assert harness.machine_id(env) == expected
+
+
+def test_transformer_smoke(tmp_path):
+    """The language-model experiment at its smoke size, without curvlinops (its checks of
+    batch_l2, per_example_grads, ggn_vp and hvp against JAX references still run)."""
+    out = tmp_path / "transformer-smoke.json"
+    result = run_script("transformer.py", "--smoke", "--no-torch", "--json", out)
+    assert "| kfac (reduce) |" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["experiment"] == "transformer" and not document["failed_checks"]
+    assert {"batch_l2", "per_example_grads", "ggn_vp", "hvp"} <= set(document["checks"])
+    assert set(document["jax"]) == {
+        "grad",
+        "curvjax.grad",
+        "batch_l2",
+        "per_example_grads",
+        "ggn_diag_mc",
+        "kfac (expand)",
+        "kfac (reduce)",
+        "ggn_vp",
+        "hvp",
+        "extract",
+    }
+    for row in document["jax"].values():
+        assert 0 < row["compile_seconds"] <= row["first_call_seconds"]
+    assert "GPT-style LM" in render(tmp_path)
