@@ -15,6 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import curvjax
+import curvjax.optim
 import curvjax.spectral
 
 N, T, D, H, C = 3, 4, 3, 5, 4
@@ -259,3 +260,43 @@ def test_exact_columns_made_in_chunks(monkeypatch, max_unrolled):
     ggn, _ = _dense_ggn_and_hessian("cross_entropy", "sum", params, x, y, w)
     out = curvjax.ggn_diag(apply_fn, params, batch, reduction="sum")
     np.testing.assert_allclose(_flat(out), jnp.diag(ggn), **TOL)
+
+
+def test_kfac_quadratic_model_with_positions():
+    """K-FAC's quadratic model ``Q_ij = v_iᵀ G v_j`` on a masked token-mean batch equals the
+    dense GGN's form; the optimizers run one step on ``[N, T, C]`` outputs."""
+    import optax
+
+    from curvjax._src.optim import kfac as kfac_lib
+
+    params = _params()
+    batch, (x, y, w) = _batch("cross_entropy", True)
+    ggn, _ = _dense_ggn_and_hessian("cross_entropy", "token_mean", params, x, y, w)
+    vs = [
+        jax.tree.map(lambda a, s=s: jnp.sin(s + jnp.arange(a.size).reshape(a.shape)), params)
+        for s in (0.0, 1.0)
+    ]
+    q, value, _ = kfac_lib._ggn_quadratic(
+        apply_fn, params, batch, vs, "cross_entropy", "token_mean"
+    )
+    flat = jnp.stack([_flat(v) for v in vs])
+    np.testing.assert_allclose(q, flat @ ggn @ flat.T, **TOL)
+    np.testing.assert_allclose(value, _total("cross_entropy", "token_mean", params, x, y, w), **TOL)
+
+    key = jax.random.key(4)
+    for opt in (
+        curvjax.optim.kfac(apply_fn, x, damping=1e-2, reduction="token_mean"),
+        curvjax.optim.noisy_kfac(apply_fn, x, learning_rate=0.1, rho=0.1, damping=1e-2),
+        curvjax.optim.precondition_by_curvature(
+            1e-2, quantity="kflr", apply_fn=apply_fn, reduction="token_mean"
+        ),
+    ):
+        grads = curvjax.grad(apply_fn, params, batch, reduction="token_mean")
+        d, _ = opt.update(grads, opt.init(params), params, batch=batch, key=key)
+        assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(d))
+        assert optax.tree.norm(d) > 0
+
+
+def test_kfra_refuses_weights_shared_over_positions():
+    with pytest.raises(ValueError, match="use `kflr` or `kfac`"):
+        curvjax.kfra(apply_fn, _params(), _batch("cross_entropy", True)[0])

@@ -281,3 +281,9 @@ def _check_valid_targets(loss_fn, shape, dtype, targets, w, weights) -> None:
         keep = np.ones(n * math.prod(positions), bool)
     flat = jax.tree.map(lambda t: np.asarray(t).reshape(-1, *np.shape(t)[rank:])[keep], targets)
     loss_fn.check_targets(jax.ShapeDtypeStruct((int(keep.sum()), c), dtype), flat)
+
+
+def placeholder_batch(apply_fn, params, inputs) -> tuple[Any, Array]:
+    """``(inputs, zero labels [N, *P])``: a batch for tracing a model's layout (cross-entropy)."""
+    out = jax.eval_shape(apply_fn, params, inputs)
+    return inputs, jnp.zeros(out.shape[:-1], jnp.int32)

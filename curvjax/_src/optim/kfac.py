@@ -21,7 +21,7 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from curvjax._src import blocks as blocks_lib
-from curvjax._src import chain, kronecker, products
+from curvjax._src import chain, kronecker, positions, products
 from curvjax._src import extract as extract_lib
 from curvjax._src import taps as taps_lib
 from curvjax._src.optim import precondition as pre
@@ -113,10 +113,6 @@ class _Core:
         self.one = jax.tree.map(lambda x: x[:1], example_inputs)
 
     # --- layout ------------------------------------------------------------------------------
-    def _dummy_batch(self):
-        n = jax.tree.leaves(self.one)[0].shape[0]
-        return (self.one, jnp.zeros((n,), jnp.int32))
-
     def layers(self, params):
         model = taps_lib.TracedModel(self.apply_fn, params, self.one)
         return model, chain.chain_layers(model)
@@ -126,13 +122,16 @@ class _Core:
         structs = _shape_structs(params)
         if self.block == "tridiagonal":
             fn = lambda p: chain.chain_factors(  # noqa: E731
-                self.apply_fn, p, self._dummy_batch(), quantity="kflr"
+                self.apply_fn,
+                p,
+                positions.placeholder_batch(self.apply_fn, p, self.one),
+                quantity="kflr",
             )["chain_factors"]
             factors = jax.eval_shape(fn, structs)
             inverse = jax.eval_shape(tridiagonal.tridiagonal_inverse, factors, 1.0)
             return optax.tree.zeros_like(factors), optax.tree.zeros_like(inverse)
         fn = lambda p: extract_lib.extract(  # noqa: E731
-            self.apply_fn, p, self._dummy_batch(), ("kflr",)
+            self.apply_fn, p, positions.placeholder_batch(self.apply_fn, p, self.one), ("kflr",)
         )["kflr"]
         factors = jax.eval_shape(fn, structs)
         inverse = jax.eval_shape(lambda f: blocks_lib.map_blocks(lambda b: b.eigh(), f), factors)

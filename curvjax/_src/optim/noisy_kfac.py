@@ -32,7 +32,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from curvjax._src import blocks as blocks_lib
 from curvjax._src import extract as extract_lib
-from curvjax._src import kronecker
+from curvjax._src import kronecker, positions
 from curvjax._src.blocks import DiagonalBlock
 from curvjax._src.optim import precondition as pre
 from curvjax._src.typing import ApplyFn, LossLike
@@ -110,7 +110,7 @@ def _structure(apply_fn, params, example_inputs):
 
     @jax.jit
     def kflr_blocks(params, one):
-        batch = (one, jnp.zeros((1,), jnp.int32))
+        batch = positions.placeholder_batch(apply_fn, params, one)
         return extract_lib.extract(apply_fn, params, batch, ("kflr",))["kflr"]
 
     blocks = kflr_blocks(params, one)
