@@ -126,6 +126,33 @@ def test_a_tied_weight_with_a_non_dense_use_forms_per_example_gradients():
     _check(tied_with_scale, params, batch)
 
 
+def per_position(params, x):
+    """``[N, T, d] -> [N, T, C]``: a shared dense layer and a shared head, logits per position."""
+    return jnp.tanh(x @ params["w"]) @ params["head"]
+
+
+@pytest.mark.parametrize(("t", "d", "h", "method"), [(3, 8, 10, "gram"), (12, 3, 4, "direct")])
+def test_norms_with_per_position_outputs_and_a_padding_mask(t, d, h, method):
+    """Logits ``[N, T, C]``, a 0/1 mask, token-mean reduction: ``g_n = ∇ Σ_t w_t ℓ_t / Σ w``."""
+    params, (x, _) = _problem(jax.random.key(3), 4, t, d, h)
+    keys = jax.random.split(jax.random.key(4), 2)
+    y = jax.random.randint(keys[0], (4, t), 0, 3)
+    mask = (jax.random.uniform(keys[1], (4, t)) < 0.7).astype(x.dtype).at[:, 0].set(1.0)
+    batch = (x, y, mask)
+    p = backprop.run(per_position, params, batch, reduction="token_mean")
+    methods = leafwise.sq_norm_methods(p)
+    assert methods[p.model.float_index.index(1)] == method  # leaves: head, w
+
+    def loss(q, xn, yn, wn):
+        return jnp.sum(wn * _cross_entropy(per_position(q, xn[None])[0], yn)) / jnp.sum(mask)
+
+    grads = jax.vmap(jax.grad(loss), (None, 0, 0, 0))(params, x, y, mask)
+    got = curvjax.batch_l2(per_position, params, batch, reduction="token_mean")
+    for g, ref in zip(jax.tree.leaves(got), jax.tree.leaves(grads), strict=True):
+        want = jnp.sum(ref.reshape(ref.shape[0], -1) ** 2, axis=1)
+        np.testing.assert_allclose(g, want, rtol=RTOL, atol=0)
+
+
 def _temp_bytes(fn, params, batch):
     compiled = jax.jit(fn).lower(params, batch).compile()
     return compiled.memory_analysis().temp_size_in_bytes
