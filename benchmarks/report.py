@@ -212,6 +212,18 @@ def transformer_table(document: dict[str, Any]) -> str:
             f"| {_fmt(_ratio(row.get('temp_bytes'), MIB), 1)} | {_fmt(row['compile_seconds'], 1)} "
             f"| {_fmt(peer_ratio)} | {_fmt(target)} | {_yes_no(met)} |"
         )
+    methods = s.get("batch_l2_methods")
+    if methods:
+        counts: dict[str, int] = {}
+        for method in methods.values():
+            counts[method] = counts.get(method, 0) + 1
+        lines += [
+            "",
+            "`batch_l2` per leaf: "
+            + ", ".join(f"{method} {count}" for method, count in sorted(counts.items()))
+            + " (gram / direct: the cheaper ghost-norm form; outer: one position; per_example: "
+            "per-example gradients a chunk of examples at a time).",
+        ]
     factors = document.get("kfac_factors")
     if factors:
         parts = [

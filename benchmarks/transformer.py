@@ -51,7 +51,7 @@ import harness  # noqa: E402  (sits beside this script)
 import report  # noqa: E402
 
 import curvjax  # noqa: E402
-from curvjax._src import lm  # noqa: E402
+from curvjax._src import backprop, leafwise, lm  # noqa: E402
 
 #: JAX rows, in table order.
 JAX_ROWS = (
@@ -126,6 +126,22 @@ def argmax_cross_entropy() -> curvjax.losses.Loss:
         sample_output_grads=sample,
         check_targets=base.check_targets,
     )
+
+
+def norm_methods(apply_fn, params, batch) -> dict[str, str]:
+    """Leaf path -> how ``batch_l2`` computes its norms (``gram``, ``direct``, ``outer`` or
+    ``per_example``), found while tracing (nothing is computed)."""
+    found = {}
+
+    def probe(p, b):
+        traced = backprop.run(apply_fn, p, b, **KW)
+        found.update(leafwise.sq_norm_methods(traced))
+        found["index"] = traced.model.float_index
+        return traced.loss
+
+    jax.eval_shape(probe, params, batch)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return {paths[i]: found[k] for k, i in enumerate(found["index"])}
 
 
 def jax_functions(apply_fn):
@@ -479,6 +495,7 @@ def run(args) -> dict:
             "warmup": args.warmup,
             "smoke": args.smoke,
             "extract": list(EXTRACT),
+            "batch_l2_methods": norm_methods(apply_fn, params, batch),
             "targets": TARGETS,
         },
         "jax": jax_rows,
