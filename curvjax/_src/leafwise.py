@@ -6,7 +6,8 @@ second moments come from the rule without forming per-example gradients. Every o
 (biases and scales seen by elementwise taps, embeddings, tied weights used by several taps,
 parameters transformed before use) is *slow*: its per-example gradients are formed exactly -- the
 VJP of each tap's own equation, pushed back through the parameter-side computation -- a chunk of
-examples at a time.
+examples at a time. Squared norms (:func:`sq_norms`) go further: a leaf that several bilinear taps
+consume, each through a relayout of it alone (tied weights), needs no per-example gradients either.
 
 ``cols`` arguments map tap ids to output cotangents with a column axis ``[N, M, *shape]``: the
 ``M`` backpropagated vectors of each example (``M = 1`` for the loss gradient, ``M = C`` for the
