@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from curvjax._src import backprop, leafwise, primitives, products
 from curvjax._src import taps as taps_lib
@@ -29,6 +30,64 @@ def _unbroadcast(x: jax.Array, shape) -> jax.Array:
     return jnp.sum(x, axis=axes, keepdims=True) if axes else x
 
 
+def _node_value(node: taps_lib.Node, statics, delta):
+    """``(u_1, …, u_k) ↦ ⟨δ, op(u_1, …, u_k)⟩``: the node's term whose Hessian is the residual."""
+    eqn = node.eqn
+
+    def value(*us):
+        invals = [None] * len(eqn.invars)
+        for pos, v in zip(node.static_positions, statics, strict=True):
+            invals[pos] = v
+        for pos, v in zip(node.act_positions, us, strict=True):
+            invals[pos] = v
+        return jnp.sum(delta * primitives.bind(eqn, invals)[0])
+
+    return value
+
+
+def _bilinear_columns(node: taps_lib.Node, statics, inputs, delta):
+    """Residual columns of a bilinear node ``z = B(x, y)`` (e.g. ``dot_general``) for one example.
+
+    ``⟨δ, B(x, y)⟩`` has the Hessian ``[[0, R], [Rᵀ, 0]]`` with ``R = ∂²⟨δ, B⟩ / ∂x ∂y``
+    (``|x| × |y|``, taking ``x`` the smaller operand). With ``r_i`` the ``i``-th row of ``R`` and
+    ``s_i = ‖r_i‖^{1/2}``,
+
+    .. math::
+        \\begin{bmatrix} 0 & R \\\\ R^⊤ & 0 \\end{bmatrix}
+        = \\sum_i c_i^+ c_i^{+⊤} - c_i^- c_i^{-⊤}, \\qquad
+        c_i^± = \\tfrac{1}{\\sqrt 2} (s_i e_i, ± r_i / s_i),
+
+    so the node gives ``2 min(|x|, |y|)`` columns with weights ``±1`` (``s_i`` balances the two
+    halves of a column; rows with ``r_i = 0`` give zero columns).
+
+    Returns:
+      (per operand ``[2 |x|, *operand.shape]`` cotangent columns, weights ``[2 |x|]``).
+    """
+    value = _node_value(node, statics, delta)
+    small = 0 if inputs[0].size <= inputs[1].size else 1
+    big = 1 - small
+    x, y = inputs[small], inputs[big]
+
+    def grad_big(xv):  # ∂⟨δ, B⟩/∂y, linear in x
+        args = [None, None]
+        args[small], args[big] = xv, y
+        return jax.grad(value, argnums=big)(*args)
+
+    rows = jax.jacfwd(grad_big)(x)  # [*y.shape, *x.shape]: exact, grad_big is linear
+    rows = rows.reshape(y.size, x.size).T  # [|x|, |y|]
+    norm = jnp.sqrt(jnp.sum(rows * rows, axis=1))  # [|x|]
+    safe = jnp.where(norm > 0, norm, 1.0)
+    s = jnp.sqrt(safe)
+    x_part = jnp.diag(jnp.where(norm > 0, s, 0.0)) / jnp.sqrt(2.0)  # [|x|, |x|]
+    y_part = rows / s[:, None] / jnp.sqrt(2.0)  # [|x|, |y|]
+    x_cols = jnp.concatenate([x_part, x_part]).reshape(-1, *x.shape).astype(x.dtype)
+    y_cols = jnp.concatenate([y_part, -y_part]).reshape(-1, *y.shape).astype(y.dtype)
+    columns = [None, None]
+    columns[small], columns[big] = x_cols, y_cols
+    ones = jnp.ones((x.size,), delta.dtype)
+    return columns, jnp.concatenate([ones, -ones])
+
+
 def _node_columns(node: taps_lib.Node, statics, inputs, delta):
     """Residual columns of one node for one example.
 
@@ -39,19 +98,12 @@ def _node_columns(node: taps_lib.Node, statics, inputs, delta):
     Returns:
       (per operand ``[M, *operand.shape]`` cotangent columns, weights ``[M]``), ``M = d k``.
     """
-    eqn = node.eqn
-    out_shape = eqn.outvars[0].aval.shape
+    if node.kind == taps_lib.BILINEAR_NODE:
+        return _bilinear_columns(node, statics, inputs, delta)
+    out_shape = node.eqn.outvars[0].aval.shape
     k = len(node.act_positions)
     wide = [jnp.broadcast_to(u, out_shape) for u in inputs]
-
-    def value(*us):
-        invals = [None] * len(eqn.invars)
-        for pos, v in zip(node.static_positions, statics, strict=True):
-            invals[pos] = v
-        for pos, v in zip(node.act_positions, us, strict=True):
-            invals[pos] = v
-        return jnp.sum(delta * primitives.bind(eqn, invals)[0])
-
+    value = _node_value(node, statics, delta)
     grad = jax.grad(value, argnums=tuple(range(k)))
     rows = []
     for j in range(k):
@@ -72,8 +124,49 @@ def _node_columns(node: taps_lib.Node, statics, inputs, delta):
     return columns, jnp.sign(eigvals).reshape(d * k)
 
 
+#: Most elements the residual columns of the exact Hessian diagonal may occupy, ``N`` examples
+#: times the residual columns per example times the size of what one column spans (every node's
+#: operands and the outputs): 2 GiB in float64, 1 GiB in float32.
+MAX_RESIDUAL_ELEMENTS = 1 << 28
+
+
+def node_column_count(node: taps_lib.Node) -> int:
+    """Residual columns one example backpropagates for ``node``.
+
+    Elementwise nodes: ``d k`` (``d`` output elements, ``k`` activation operands); bilinear nodes
+    (``dot_general`` of two activations): ``2 min(|x|, |y|)``.
+    """
+    sizes = [int(np.prod(node.eqn.invars[i].aval.shape)) for i in node.act_positions]
+    if node.kind == taps_lib.BILINEAR_NODE:
+        return 2 * min(sizes)
+    return int(np.prod(node.eqn.outvars[0].aval.shape)) * len(sizes)
+
+
+def residual_cost_issue(model: taps_lib.TracedModel) -> str | None:
+    """Why the residual columns of ``model`` are too many for the exact method, else ``None``."""
+    if not model.nodes:
+        return None
+    counts = [node_column_count(q) for q in model.nodes]
+    span = int(np.prod(model.out_aval.shape)) + sum(
+        int(np.prod(q.eqn.invars[i].aval.shape)) for q in model.nodes for i in q.act_positions
+    )
+    elements = model.num_examples * sum(counts) * span
+    if elements <= MAX_RESIDUAL_ELEMENTS:
+        return None
+    big = max(range(len(counts)), key=counts.__getitem__)
+    where = primitives.describe(model.nodes[big].eqn)
+    return (
+        f"its {len(counts)} residual nodes need {sum(counts)} backpropagated columns per example "
+        f"(the largest, {where}, {counts[big]}), {elements:.2e} elements for "
+        f"N = {model.num_examples}, more than the {MAX_RESIDUAL_ELEMENTS:.2e} allowed"
+    )
+
+
 def _check_exact(p: backprop.Pass) -> None:
     issues = list(p.model.unsupported) + [t.hessian_issue for t in p.model.taps if t.hessian_issue]
+    if not issues:
+        cost = residual_cost_issue(p.model)
+        issues = [cost] if cost is not None else []
     if issues:
         raise ValueError(
             "the exact Hessian diagonal cannot treat this model: "

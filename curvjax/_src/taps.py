@@ -94,21 +94,30 @@ class Tap:
         return self.info.rule is not None and len(self.act_positions) == 1
 
 
+ELEMENTWISE_NODE, BILINEAR_NODE = "elementwise", "bilinear"
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Node:
-    """An elementwise equation between activations with a non-zero second derivative.
+    """An equation between activations with a non-zero second derivative (a Hessian residual).
 
     Attributes:
       id: position in :attr:`TracedModel.nodes`.
-      eqn: the equation (``tanh``, ``logistic``, ``mul`` of two activations, ...).
+      eqn: the equation (``tanh``, ``logistic``, ``mul`` of two activations, ``dot_general`` of
+        two activations as in attention, ...).
       act_positions: positions of its activation operands (the variables of its Hessian).
       static_positions: the other positions (constants).
+      kind: ``"elementwise"`` (the operation acts elementwise after broadcasting, so its Hessian
+        is a ``k × k`` matrix per output element) or ``"bilinear"`` (linear in each of its two
+        operands separately, e.g. ``dot_general``, whose Hessian couples every pair of operand
+        elements that meet in a product).
     """
 
     id: int
     eqn: Any
     act_positions: tuple[int, ...]
     static_positions: tuple[int, ...]
+    kind: str = ELEMENTWISE_NODE
 
 
 @dataclasses.dataclass
@@ -213,8 +222,8 @@ def _activation_step(eqn, deps, sub, found: _Found):
     float_acts = [i for i in acts if _is_float(eqn.invars[i].aval.dtype)]
     if info.hessian in (primitives.PIECEWISE, primitives.LINEAR) or not float_acts:
         return ("act", None), None
-    if info.hessian == primitives.BILINEAR and len(float_acts) == 1:
-        return ("act", None), None  # linear in each operand separately
+    if info.hessian == primitives.BILINEAR and sum(bool(deps[i].leaves) for i in float_acts) < 2:
+        return ("act", None), None  # linear in each operand, at most one moves with parameters
     if set(float_acts) <= set(info.linear_operands):
         return ("act", None), None  # e.g. `div`: linear in the numerator
     if not any(deps[i].leaves for i in float_acts):
@@ -229,6 +238,11 @@ def _activation_step(eqn, deps, sub, found: _Found):
     if info.elementwise and second_order and elementwise:
         statics = tuple(i for i in range(len(deps)) if i not in float_acts)
         node = Node(len(found.nodes), eqn, tuple(float_acts), statics)
+        found.nodes.append(node)
+        return ("node", node), None
+    if info.hessian == primitives.BILINEAR and len(float_acts) == 2 and len(eqn.outvars) == 1:
+        statics = tuple(i for i in range(len(deps)) if i not in float_acts)
+        node = Node(len(found.nodes), eqn, tuple(float_acts), statics, BILINEAR_NODE)
         found.nodes.append(node)
         return ("node", node), None
     found.unsupported.append(primitives.describe(eqn, found.where))
