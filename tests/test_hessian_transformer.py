@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import reference
 from helpers import assert_tree_close
+from jax.flatten_util import ravel_pytree
 
 import curvjax
 from curvjax._src import diagonals, taps
@@ -70,7 +71,12 @@ def _rmsnorm(x, scale, eps=1e-6):
 def _plain_block(p, x):
     """A pre-LN GPT block on ``x [N, T, 5]``: causal 2-head attention written with einsum,
     softmax, a tanh-GELU MLP after an RMSNorm, residual adds; the hidden ``[N, T, D]``."""
-    h = jnp.einsum("ntf,fd->ntd", x, p["embed"]) + p["pos"][None]
+    return _block(p, jnp.einsum("ntf,fd->ntd", x, p["embed"]))
+
+
+def _block(p, h):
+    """The block on embedded inputs ``h [N, T, D]`` (position embedding added here)."""
+    h = h + p["pos"][None]
     length, dh = p["pos"].shape[0], p["wq"].shape[2]
     a = _layernorm(h, p["ln1"])
     q = jnp.einsum("ntd,dhk->nhtk", a, p["wq"])
@@ -197,6 +203,30 @@ def test_bilinear_residual_alone():
     assert gap > 1e-2 * np.max(np.abs(np.asarray(want["w0"])))
 
 
+def _gram_and_memory(p, x):
+    """``h hᵀ`` (one variable as both operands) and ``h xᵀ`` (``x`` does not depend on the
+    parameters: no residual), then a tanh and a dense head."""
+    h = jnp.einsum("ntf,fd->ntd", x, p["w0"])
+    gram = jnp.einsum("ntd,nsd->nts", h, h)
+    memory = jnp.einsum("ntd,nsd->nts", h, x[..., :4])
+    return jnp.mean(jnp.tanh(gram + memory), axis=1) @ p["head"]
+
+
+def test_bilinear_node_with_one_variable_twice_and_a_parameter_free_operand():
+    rng = np.random.default_rng(12)
+    params = {"w0": _normal(rng, (5, 4), 0.5), "head": _normal(rng, (T, C), 0.5)}
+    x = _normal(rng, (N, T, 5))
+    batch = (x, jnp.asarray(rng.integers(0, C, (N,)), jnp.int32))
+    model = taps.TracedModel(_gram_and_memory, params, x, residuals=True)
+    kinds = sorted((q.kind, q.eqn.primitive.name) for q in model.nodes)
+    assert kinds == [("bilinear", "dot_general"), ("elementwise", "tanh")]
+    got = jax.jit(lambda p, b: curvjax.hessian_diag(_gram_and_memory, p, b), compiler_options=FAST)(
+        params, batch
+    )
+    want = reference.hessian_diag(_gram_and_memory, params, batch)
+    assert_tree_close(got, want, params, what="gram_and_memory/hessian_diag")
+
+
 def test_inspect_reports_the_gpt_block_exact():
     apply_fn, params, x = _plain_case()
     report = curvjax.inspect(apply_fn, params, x)
@@ -238,3 +268,36 @@ def test_too_many_residual_columns_point_to_hutchinson(monkeypatch):
     with pytest.raises(ValueError, match="method='hutchinson'") as info:
         jax.jit(lambda p, b: curvjax.hessian_diag(apply_fn, p, b))(params, batch)  # traced only
     assert f"{columns} backpropagated columns per example" in str(info.value)
+
+
+def lm(p, tokens):
+    """A one-block language model: token embedding (a gather), the block, a final LayerNorm and
+    an untied output projection: logits ``[N, T, V]`` for int tokens ``[N, T]``."""
+    h = _block(p, jnp.take(p["embed"], tokens, axis=0))
+    return jnp.einsum("ntd,dv->ntv", _layernorm(h, p["ln_f"]), p["head"])
+
+
+def test_language_model_hessian_diag_is_exact_per_position_with_padding():
+    """Outputs ``[N, T, V]``, per-position cross-entropy, a padding mask and the token mean:
+    ``L = Σ_{n,t} w_{n,t} CE(f_{n,t}, y_{n,t}) / Σ w``, its Hessian written from that
+    definition."""
+    vocab = C
+    rng = np.random.default_rng(10)
+    params = _plain_params(seed=11)  # embed [5, D]: 5 tokens; head [D, C]: C = V logits
+    params["embed"] = params["embed"][:vocab]
+    tokens = jnp.asarray(rng.integers(0, vocab, (N, T)), jnp.int32)
+    labels = jnp.asarray(rng.integers(0, vocab, (N, T)), jnp.int32)
+    mask = jnp.ones((N, T)).at[0, T - 2 :].set(0.0).at[2, T - 1].set(0.0)  # right padding
+    flat, unravel = ravel_pytree(params)
+
+    def total(v):
+        logp = jax.nn.log_softmax(lm(unravel(v), tokens), axis=-1)
+        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        return jnp.sum(mask * nll) / jnp.sum(mask)
+
+    want = jnp.diag(jax.jit(jax.hessian(total), compiler_options=FAST)(flat))
+    got = jax.jit(
+        lambda p, b: curvjax.hessian_diag(lm, p, b, reduction="token_mean"),
+        compiler_options=FAST,
+    )(params, (tokens, labels, mask))
+    assert_tree_close(got, unravel(want), params, what="lm")
