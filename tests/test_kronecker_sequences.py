@@ -227,7 +227,9 @@ def shared(p, x):
 
 
 @pytest.mark.parametrize(
-    ("fn", "approximation"), [(halves, "expand"), (halves_pooled, "reduce")], ids=str
+    ("fn", "approximation"),
+    [(halves, "expand"), (halves_pooled, "reduce")],
+    ids=["halves-expand", "halves_pooled-reduce"],
 )
 def test_tied_uses_count_as_positions(fn, approximation):
     """Two taps of one weight = one tap shared over two positions: same block, and exact where
@@ -303,6 +305,115 @@ def test_tied_embedding_gets_the_exact_diagonal():
     want = jnp.diag(ggn_block(tied_embedding, params, batch, "embed", "mean"))
     got = jnp.diag(curvjax.block_to_dense(blocks["embed"]))
     assert _rel_gap(got, want) < 1e-10
+
+
+# --- weights inside a scan body (RNN cells) --------------------------------------------------
+def _rnn_params():
+    keys = jax.random.split(jax.random.key(7), 3)
+    return {
+        "wh": jax.random.normal(keys[0], (H, H)) / np.sqrt(H),
+        "wx": jax.random.normal(keys[1], (D, H)) / np.sqrt(D),
+        "b": jnp.linspace(-0.3, 0.3, H),
+        "wo": jax.random.normal(keys[2], (H, C)) / np.sqrt(H),
+    }
+
+
+def rnn(p, x):
+    """``h_s = tanh(h_{s-1} W_h + x_s W_x + b)`` over the ``T`` steps by ``lax.scan``; ``h_T W_o``."""
+
+    def cell(h, x_s):
+        h = jnp.tanh(h @ p["wh"] + x_s @ p["wx"] + p["b"][None])
+        return h, h
+
+    h, _ = jax.lax.scan(cell, jnp.zeros((x.shape[0], H)), jnp.swapaxes(x, 0, 1))
+    return h @ p["wo"]
+
+
+def _rnn_steps(p, x):
+    """Dense per-step references: cell inputs ``[N, T, H]`` and ``∂f_n / ∂(h W_h)_s``
+    ``[N, C, T, H]`` (the same for ``x W_x``: both products enter the same pre-activation)."""
+
+    def unrolled(eps):
+        h = jnp.zeros((x.shape[0], H))
+        for s in range(x.shape[1]):
+            h = jnp.tanh(h @ p["wh"] + eps[:, s] + x[:, s] @ p["wx"] + p["b"][None])
+        return h @ p["wo"]
+
+    jac = jax.jacobian(unrolled)(jnp.zeros((x.shape[0], x.shape[1], H)))  # [N, C, N, T, H]
+    rows = jnp.arange(x.shape[0])
+    states, h = [], jnp.zeros((x.shape[0], H))
+    for s in range(x.shape[1]):
+        states.append(h)
+        h = jnp.tanh(h @ p["wh"] + x[:, s] @ p["wx"] + p["b"][None])
+    return jnp.stack(states, axis=1), jac[rows, :, rows]
+
+
+@pytest.mark.parametrize("approximation", ["expand", "reduce"])
+def test_rnn_cell_kernels_share_their_weight_over_the_steps(approximation):
+    """``W_h`` and ``W_x`` inside the scan body get Kronecker blocks with the steps as positions,
+    equal to their definition from dense per-step inputs and output Jacobians."""
+    params, x = _rnn_params(), _inputs()
+    batch = (x, _targets(rnn, params, x))
+    blocks = jax.jit(lambda p, b: curvjax.kflr(rnn, p, b, loss="mse", approximation=approximation))(
+        params, batch
+    )
+    states, jac = _rnn_steps(params, x)
+    kappa, hess = 1.0 / N, 2.0  # mean reduction, MSE: H_n = 2 I
+    for leaf, inputs in (("wh", states), ("wx", x)):
+        assert isinstance(blocks[leaf], curvjax.KroneckerBlock), leaf
+        if approximation == "expand":
+            a = jnp.einsum("nti,ntj->ij", inputs, inputs) / (N * T)
+            b = kappa * hess * jnp.einsum("ncto,nctp->op", jac, jac)
+        else:
+            mean = inputs.mean(axis=1)
+            a = mean.T @ mean / N
+            total = jac.sum(axis=2)
+            b = kappa * hess * jnp.einsum("nco,ncp->op", total, total)
+        np.testing.assert_allclose(blocks[leaf].a[0], a, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(blocks[leaf].b[0], b, rtol=1e-10, atol=1e-14)
+    want = ggn_block(rnn, params, batch, "b", "mean")  # the bias keeps its exact full block
+    assert _rel_gap(curvjax.block_to_dense(blocks["b"]), want) < 1e-10
+
+
+def scanned_positions(p, x):
+    """A dense layer applied position by position by ``lax.scan`` (the carry unused)."""
+    _, ys = jax.lax.scan(lambda c, x_s: (c, x_s @ p["w"]), jnp.zeros(()), jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(ys, 0, 1)  # [N, T, D]
+
+
+def test_scan_over_positions_is_exact_like_weight_sharing():
+    """Steps that do not interact are positions: expand is then the exact GGN block and equals
+    the block of the same layer applied to ``[N, T, D]`` at once."""
+    params, x = _square_params(), _inputs()
+    batch = (x, _targets(scanned_positions, params, x))
+    got = curvjax.kflr(scanned_positions, params, batch, loss="mse")["w"]
+    assert isinstance(got, curvjax.KroneckerBlock)
+    want = ggn_block(scanned_positions, params, batch, "w", "mean")
+    assert _rel_gap(curvjax.block_to_dense(got), want) < 1e-10
+    at_once = curvjax.kflr(lambda p, x: x @ p["w"], params, batch, loss="mse")["w"]
+    np.testing.assert_allclose(got.a, at_once.a, rtol=1e-12)
+    np.testing.assert_allclose(got.b, at_once.b, rtol=1e-12)
+
+
+def rnn_transposed(p, x):
+    """The recurrent weight transposed inside the body: not a plain product of the weight."""
+
+    def cell(h, x_s):
+        h = jnp.tanh(h @ p["wh"].T + x_s @ p["wx"] + p["b"][None])
+        return h, h
+
+    h, _ = jax.lax.scan(cell, jnp.zeros((x.shape[0], H)), jnp.swapaxes(x, 0, 1))
+    return h @ p["wo"]
+
+
+def test_other_uses_inside_a_scan_keep_the_exact_diagonal():
+    params, x = _rnn_params(), _inputs()
+    batch = (x, _targets(rnn_transposed, params, x))
+    blocks = curvjax.kflr(rnn_transposed, params, batch, loss="mse")
+    assert isinstance(blocks["wh"], curvjax.DiagonalBlock)
+    assert isinstance(blocks["wx"], curvjax.KroneckerBlock)
+    want = jnp.diag(ggn_block(rnn_transposed, params, batch, "wh", "mean"))
+    assert _rel_gap(jnp.diag(curvjax.block_to_dense(blocks["wh"])), want) < 1e-10
 
 
 # --- optimizers --------------------------------------------------------------------------------

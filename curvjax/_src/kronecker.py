@@ -35,14 +35,24 @@ Kronecker product; the approximation is exact where expand (reduce) is exact wit
 positions, e.g. a weight applied separately to two halves of the input, each with its own
 per-position MSE terms.
 
+**Recurrent cells.** A kernel closed over by a ``lax.scan`` body and consumed there by one
+``dot_general`` (an RNN cell ``h_s = σ(h_{s-1} W_h + x_s W_x)``) is shared over the ``S`` steps
+like a dense layer over positions: the steps are its positions (``T = S`` times the product's
+own positions), with ``a_{n,s}`` the product's input and ``b_{n,m,s}`` the cotangent of its
+output at step ``s``, recovered by re-running the scan of each example with a perturbation of
+that output. A kernel used inside the body in any other way keeps the diagonal block.
+
 Biases are kept as their own block (no homogeneous coordinate): 1-D leaves (biases, LayerNorm
 scales and offsets) get the full block ``Σ_{n,m} g gᵀ`` of the same backpropagated vectors (the
 exact GGN block for KFLR and KFRA, its Monte-Carlo estimate for KFAC), every other leaf (an
 embedding looked up by ``gather``, a weight transformed before use, a kernel whose uses differ in
-layout) the diagonal of that block.
+layout, e.g. an embedding tied with a transposed output projection) the diagonal of that block.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +61,7 @@ import numpy as np
 from curvjax._src import backprop, diagonals, leafwise, rules
 from curvjax._src.blocks import DenseBlock, DiagonalBlock, KroneckerBlock
 from curvjax._src.rules import dense
+from curvjax._src.rules import scan as scan_rule
 
 #: The approximations of weight sharing over positions (and over the uses of a tied kernel).
 APPROXIMATIONS = ("expand", "reduce")
@@ -100,36 +111,128 @@ def _output_factor(forms, approximation: str):
     return _gram_of_rows(rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1))
 
 
-def _forms(p: backprop.Pass, taps, cols) -> list:
-    return [rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id]) for tap in taps]
+class _Use(NamedTuple):
+    """One use of a kernel leaf: how to get its bilinear form and its canonical index."""
+
+    form: Callable  # (pass, tap id -> cotangents [N, M, ...]) -> bilinear.Form
+    index: Callable  # (pass) -> [D] canonical position of every leaf entry (numpy)
+
+
+def _tap_use(tap, k: int) -> _Use:
+    def form(p, cols):
+        return rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id])
+
+    def index(p):
+        return leafwise.canonical_index(p, tap, k, form(p, p.columns_of_gradient()))
+
+    return _Use(form, index)
+
+
+def _forms(p: backprop.Pass, uses, cols) -> list:
+    return [use.form(p, cols) for use in uses]
 
 
 def _tied_uses(p: backprop.Pass, k: int):
-    """The taps of kernel leaf ``k`` if every use is a bilinear tap of the same layout, else None."""
+    """The uses of kernel leaf ``k`` if every one is a bilinear tap of the same layout, else None."""
     taps = p.model.taps_of_leaf[k]
     if len(taps) < 2 or not all(
         t.chain_leaf == k and rules.has_bilinear_form(t) and len(t.leaves) == 1 for t in taps
     ):
         return None
-    forms = _forms(p, taps, p.columns_of_gradient())
+    uses = [_tap_use(tap, k) for tap in taps]
+    forms = _forms(p, uses, p.columns_of_gradient())
     shapes = {(f.a.shape[1], f.a.shape[3], f.b.shape[-1]) for f in forms}
     if len(shapes) != 1:
         return None
-    first = leafwise.canonical_index(p, taps[0], k, forms[0])
-    for tap, form in zip(taps[1:], forms[1:], strict=True):
-        if not np.array_equal(leafwise.canonical_index(p, tap, k, form), first):
-            return None
-    return taps
+    first = uses[0].index(p)
+    if not all(np.array_equal(use.index(p), first) for use in uses[1:]):
+        return None
+    return uses
+
+
+def _scan_use(p: backprop.Pass, k: int):
+    """The use of kernel leaf ``k`` by one ``dot_general`` inside a ``scan`` body, or None."""
+    taps = p.model.taps_of_leaf[k]
+    if len(taps) != 1 or taps[0].eqn.primitive is not jax.lax.scan_p:
+        return None
+    (tap,) = taps
+    carriers = _operands_of_leaf(p, tap, k)
+    if len(carriers) != 1:
+        return None
+    (position,) = carriers
+    body_index = scan_rule.dense_use(tap, position)
+    if body_index is None:
+        return None
+    slot = tap.param_positions.index(position)
+
+    def form(p, cols):
+        return scan_rule.form(
+            tap, position, body_index, p.statics[tap.id], p.acts[tap.id], cols[tap.id]
+        )
+
+    layout = scan_rule.layout(tap, position, body_index)
+    index = _permutation_index(p, tap, k, slot, layout)
+    if index is None:
+        return None
+    return [_Use(form, lambda p: index)]
+
+
+def _operands_of_leaf(p: backprop.Pass, tap, k: int) -> list[int]:
+    """The parameter operands of ``tap`` through which leaf ``k`` enters."""
+    values, vjp = leafwise._param_side(p, [tap], [k])
+    found = []
+    with jax.ensure_compile_time_eval():
+        for slot, position in enumerate(tap.param_positions):
+            cot = tuple(
+                jnp.ones_like(v) if j == slot else jnp.zeros_like(v)
+                for j, v in enumerate(values[tap.id])
+            )
+            if np.any(np.asarray(vjp({tap.id: cot})[0][0]) != 0):
+                found.append(position)
+    return found
+
+
+def _permutation_index(p: backprop.Pass, tap, k: int, slot: int, layout):
+    """Canonical index of leaf ``k`` that reaches ``tap``'s parameter operand ``slot`` through a
+    relayout (``None`` if that map is not a permutation, e.g. a transformed weight).
+
+    ``layout = (g, i, o, to_param)`` of the operand. Positions are pulled back in two halves so
+    that float32 represents them exactly.
+    """
+    g, i, o, to_param = layout
+    size = g * i * o
+    values, vjp = leafwise._param_side(p, [tap], [k])
+    dtype = p.outputs.dtype
+    positions = np.arange(size)
+    parts = []
+    with jax.ensure_compile_time_eval():
+        for part in (positions // 4096, positions % 4096):
+            canon = to_param(jnp.asarray(part.reshape(g, i, o), dtype))
+            cot = tuple(
+                canon.astype(v.dtype) if j == slot else jnp.zeros_like(v)
+                for j, v in enumerate(values[tap.id])
+            )
+            parts.append(np.asarray(vjp({tap.id: cot})[0][0]))
+    if parts[0].size != size:
+        return None
+    index = (
+        np.round(parts[0]).astype(np.int64) * 4096 + np.round(parts[1]).astype(np.int64)
+    ).ravel()
+    exact = all(np.array_equal(np.round(q), q) for q in parts)
+    if not exact or not np.array_equal(np.sort(index), positions):
+        return None
+    return index.astype(np.int32)
 
 
 def _layout(p: backprop.Pass):
-    """``({leaf: [taps]}, full, diagonal)``: which float leaves get Kronecker, full and diagonal
-    blocks (Kronecker: the kernel of one bilinear tap, or of several with the same layout)."""
+    """``({leaf: [uses]}, full, diagonal)``: which float leaves get Kronecker, full and diagonal
+    blocks (Kronecker: the kernel of one bilinear tap, of several with the same layout, or of one
+    product inside a ``scan`` body)."""
     ndims = [jnp.ndim(leaf) for leaf in p.model.float_leaves(p.params)]
     fast, full, diag = leafwise.block_layout(p.model, ndims)
-    kron = {k: [tap] for k, tap in fast.items()}
+    kron = {k: [_tap_use(tap, k)] for k, tap in fast.items()}
     for k in diag:
-        uses = _tied_uses(p, k)
+        uses = _tied_uses(p, k) or _scan_use(p, k)
         if uses is not None:
             kron[k] = uses
     return kron, full, [k for k in diag if k not in kron]
@@ -139,8 +242,8 @@ def additive_parts(p: backprop.Pass, cols: dict, *, approximation: str = DEFAULT
     """The parts of the blocks that sum over backpropagated vectors."""
     kron, full, diag = _layout(p)
     parts = {"b": {}, "full": {}, "diag": {}}
-    for k, taps in kron.items():
-        parts["b"][k] = _output_factor(_forms(p, taps, cols), approximation)
+    for k, uses in kron.items():
+        parts["b"][k] = _output_factor(_forms(p, uses, cols), approximation)
     parts["full"] = dict(zip(full, leafwise.outer_sum(p, cols, full), strict=True))
     if diag:
         sums = leafwise.sum_sq(p, cols)
@@ -153,11 +256,11 @@ def assemble(p: backprop.Pass, parts: dict, *, approximation: str = DEFAULT_APPR
     n = p.model.num_examples
     kron, full, diag = _layout(p)
     result: list = [None] * len(p.model.float_index)
-    gradient_cols = p.columns_of_gradient()  # only the layout of the forms is used below
-    for k, taps in kron.items():
-        forms = _forms(p, taps, gradient_cols)
-        index = leafwise.canonical_index(p, taps[0], k, forms[0])
-        result[k] = KroneckerBlock(_input_factor(forms, n, approximation), parts["b"][k], index)
+    gradient_cols = p.columns_of_gradient()  # only the activations of the forms are used below
+    for k, uses in kron.items():
+        forms = _forms(p, uses, gradient_cols)
+        a = _input_factor(forms, n, approximation)
+        result[k] = KroneckerBlock(a, parts["b"][k], uses[0].index(p))
     for k in full:
         result[k] = DenseBlock(parts["full"][k])
     for k in diag:
