@@ -193,7 +193,8 @@ def kfac(
     ``A = (1/N) Σ_n ā_n ā_nᵀ`` with ``ā_n = (1/T) Σ_t a_{n,t}`` and ``B = Σ_{n,m} b̄ b̄ᵀ`` with
     ``b̄ = Σ_t b_{n,m,t}`` (exact for deep linear networks whose positions are pooled before an
     MSE loss). A kernel used by several dense/convolution taps (tied weights) gets one block in
-    which its uses count as further positions.
+    which its uses count as further positions, and a kernel multiplied once inside a
+    ``lax.scan`` body (an RNN cell) one block in which the steps are the positions.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
