@@ -1,9 +1,14 @@
-"""``python -m curvjax demo``: train a small CNN on digits, then time every curvjax quantity.
+"""``python -m curvjax demo [digits|lm]``: train a small model, then time every curvjax quantity.
 
-The demo loads scikit-learn's bundled 8x8 digits (no download), trains a small flax linen CNN
-with optax Adam, prints train and test accuracy, and then prints one table row per quantity that
-curvjax can compute: a one-line summary of its value and its wall time as a ratio to a plain
-jitted ``jax.grad`` of the same loss, measured in the same run.
+``demo`` (or ``demo digits``) loads scikit-learn's bundled 8x8 digits (no download), trains a small
+flax linen CNN with optax Adam, prints train and test accuracy, and then prints one table row per
+quantity that curvjax can compute: a one-line summary of its value and its wall time as a ratio to
+a plain jitted ``jax.grad`` of the same loss, measured in the same run.
+
+``demo lm`` trains a small decoder-only transformer (tied embeddings, causal attention) on the
+source code of a few standard-library modules, character by character, with AdamW, prints the
+held-out loss by position, and prints the same table for the per-sequence quantities of the
+token-mean cross-entropy (``reduction="token_mean"``, logits ``[N, T, V]``).
 
 The rows come from one registry, :data:`QUANTITIES`. To add a row (``ggn_diag``, ``kfac``,
 Hessian spectra, ...) append one :class:`Quantity` to it. A row whose ``attr`` is not (yet) an
@@ -28,8 +33,9 @@ import curvjax
 import curvjax.spectral  # noqa: E402,F401  (``import curvjax`` does not import the submodule)
 from curvjax._src import blocks as blocks_lib
 
-# A quantity's compute function receives ``(apply_fn, params, batch)``; it is jitted by the demo.
-ComputeFn = Callable[[Callable, Any, tuple], Any]
+# A quantity's compute function receives ``(apply_fn, params, batch, **options)`` (options: the
+# ``loss`` / ``reduction`` keywords of every curvjax quantity); it is jitted by the demo.
+ComputeFn = Callable[..., Any]
 # A summary function receives the computed value (a pytree of arrays) and returns one line.
 SummaryFn = Callable[[Any], str]
 
@@ -218,27 +224,34 @@ def summarize_spectrum(top: Any) -> str:
     )
 
 
-def top_hessian_eigenpairs(apply_fn: Callable, params: Any, batch: tuple) -> Any:
+def top_hessian_eigenpairs(apply_fn: Callable, params: Any, batch: tuple, **options: Any) -> Any:
     """Top-10 Hessian eigenpairs by Lanczos (float32-sized tolerance, at most 60 products)."""
-    operator = curvjax.spectral.hessian_operator(apply_fn, params, batch)
+    operator = curvjax.spectral.hessian_operator(apply_fn, params, batch, **options)
     return curvjax.spectral.top_eigenpairs(
         operator, 10, key=jax.random.key(0), method="lanczos", max_matvecs=60, tol=1e-3
     )
 
 
 def save_density_plot(
-    apply_fn: Callable, params: Any, batch: tuple, path: str, *, seed: int = 0
+    apply_fn: Callable,
+    params: Any,
+    batch: tuple,
+    path: str,
+    *,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """Writes the Hessian's spectral density (SLQ, 8 probes x 60 steps) to ``path`` (a PNG).
 
-    Returns a one-line description of what was written.
+    ``options`` are the ``loss`` / ``reduction`` keywords of the Hessian. Returns a one-line
+    description of what was written.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: only writes the file
     import matplotlib.pyplot as plt
 
-    operator = curvjax.spectral.hessian_operator(apply_fn, params, batch)
+    operator = curvjax.spectral.hessian_operator(apply_fn, params, batch, **(options or {}))
     grid, density = curvjax.spectral.density(
         operator, key=jax.random.key(seed), num_probes=8, num_steps=60, progress=True
     )
@@ -274,7 +287,8 @@ class Quantity:
       name: label printed in the table's first column.
       attr: the :mod:`curvjax` attribute the row needs; the row is skipped when
         ``hasattr(curvjax, attr)`` is false.
-      compute: ``compute(apply_fn, params, batch)`` returning the quantity; jitted by the demo.
+      compute: ``compute(apply_fn, params, batch, **options)`` returning the quantity; jitted by
+        the demo (``options`` are the ``loss`` / ``reduction`` keywords of the table).
       summarize: ``summarize(value)`` returning a one-line description of the value.
     """
 
@@ -284,50 +298,62 @@ class Quantity:
     summarize: SummaryFn
 
 
-def _extract_first_order(apply_fn: Callable, params: Any, batch: tuple) -> dict:
+def _extract_first_order(apply_fn: Callable, params: Any, batch: tuple, **options: Any) -> dict:
     """``curvjax.extract`` of every first-order quantity this curvjax version provides."""
     quantities = tuple(q for q in FIRST_ORDER if hasattr(curvjax, q))
-    return curvjax.extract(apply_fn, params, batch, quantities=quantities)
+    return curvjax.extract(apply_fn, params, batch, quantities=quantities, **options)
 
 
 QUANTITIES: list[Quantity] = [
-    Quantity("grad", "grad", lambda f, p, b: curvjax.grad(f, p, b), summarize_grad),
+    Quantity("grad", "grad", lambda f, p, b, **o: curvjax.grad(f, p, b, **o), summarize_grad),
     Quantity(
         "per_example_grads",
         "per_example_grads",
-        lambda f, p, b: curvjax.per_example_grads(f, p, b),
+        lambda f, p, b, **o: curvjax.per_example_grads(f, p, b, **o),
         summarize_per_example_grads,
     ),
-    Quantity("batch_l2", "batch_l2", lambda f, p, b: curvjax.batch_l2(f, p, b), summarize_batch_l2),
+    Quantity(
+        "batch_l2",
+        "batch_l2",
+        lambda f, p, b, **o: curvjax.batch_l2(f, p, b, **o),
+        summarize_batch_l2,
+    ),
     Quantity(
         "sum_grad_squared",
         "sum_grad_squared",
-        lambda f, p, b: curvjax.sum_grad_squared(f, p, b),
+        lambda f, p, b, **o: curvjax.sum_grad_squared(f, p, b, **o),
         summarize_sum_grad_squared,
     ),
-    Quantity("variance", "variance", lambda f, p, b: curvjax.variance(f, p, b), summarize_variance),
+    Quantity(
+        "variance",
+        "variance",
+        lambda f, p, b, **o: curvjax.variance(f, p, b, **o),
+        summarize_variance,
+    ),
     Quantity("extract (all first-order)", "extract", _extract_first_order, summarize_extract),
-    Quantity("ggn_diag", "ggn_diag", lambda f, p, b: curvjax.ggn_diag(f, p, b), summarize_trace),
+    Quantity(
+        "ggn_diag", "ggn_diag", lambda f, p, b, **o: curvjax.ggn_diag(f, p, b, **o), summarize_trace
+    ),
     Quantity(
         "ggn_diag_mc",
         "ggn_diag_mc",
-        lambda f, p, b: curvjax.ggn_diag_mc(f, p, b, key=jax.random.key(0)),
+        lambda f, p, b, **o: curvjax.ggn_diag_mc(f, p, b, key=jax.random.key(0), **o),
         summarize_trace,
     ),
     Quantity(
         "hessian_diag",
         "hessian_diag",
-        lambda f, p, b: curvjax.hessian_diag(f, p, b),
+        lambda f, p, b, **o: curvjax.hessian_diag(f, p, b, **o),
         summarize_trace,
     ),
     Quantity(
         "kfac",
         "kfac",
-        lambda f, p, b: curvjax.kfac(f, p, b, key=jax.random.key(0)),
+        lambda f, p, b, **o: curvjax.kfac(f, p, b, key=jax.random.key(0), **o),
         summarize_blocks,
     ),
-    Quantity("kflr", "kflr", lambda f, p, b: curvjax.kflr(f, p, b), summarize_blocks),
-    Quantity("hvp", "hvp", lambda f, p, b: curvjax.hvp(f, p, b, p), summarize_hvp),
+    Quantity("kflr", "kflr", lambda f, p, b, **o: curvjax.kflr(f, p, b, **o), summarize_blocks),
+    Quantity("hvp", "hvp", lambda f, p, b, **o: curvjax.hvp(f, p, b, p, **o), summarize_hvp),
     Quantity("spectrum (top-10, Lanczos)", "spectral", top_hessian_eigenpairs, summarize_spectrum),
 ]
 """Every row of the demo's table, in order. Append a :class:`Quantity` to add one."""
@@ -347,16 +373,32 @@ def available_quantities(
 # --------------------------------------------------------------------------------------------
 
 
-def time_jitted(fn: Callable, *args: Any, repeats: int = 5, number: int = 10) -> tuple[Any, float]:
+def time_jitted(
+    fn: Callable,
+    *args: Any,
+    repeats: int = 5,
+    number: int = 10,
+    max_seconds: float | None = None,
+) -> tuple[Any, float]:
     """Median wall time of ``fn(*args)`` in seconds, after one warm-up (compilation) call.
 
     Each of ``repeats`` measurements times ``number`` back-to-back calls, ending with
-    ``jax.block_until_ready``, and divides by ``number``.
+    ``jax.block_until_ready``, and divides by ``number``. With ``max_seconds``, one call is timed
+    first and ``repeats`` / ``number`` are lowered (to no less than one) so that the measurements
+    take about ``max_seconds`` at most.
 
     Returns:
       ``(value, seconds)``: the value of the warm-up call and the median time per call.
     """
     value = jax.block_until_ready(fn(*args))
+    if max_seconds is not None:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        single = time.perf_counter() - start
+        repeats = max(1, min(repeats, int(max_seconds / single)))
+        number = max(1, min(number, int(max_seconds / (repeats * single))))
+        if single * repeats * number > max_seconds:
+            return value, single
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -401,30 +443,48 @@ def quantity_table(
     batch: tuple,
     quantities: Sequence[Quantity] = tuple(QUANTITIES),
     *,
+    options: dict[str, Any] | None = None,
+    baseline_loss: Callable[[Callable, Any, tuple], jax.Array] = mean_cross_entropy,
+    catch_errors: bool = False,
     repeats: int = 5,
     number: int = 10,
+    max_seconds: float | None = None,
 ) -> tuple[str, list[Quantity]]:
     """Times every available quantity against a jitted ``jax.grad`` baseline.
 
     Args:
-      apply_fn: ``apply_fn(params, inputs) -> logits [N, C]``.
+      apply_fn: ``apply_fn(params, inputs) -> logits [N, C]`` (or ``[N, T, V]``).
       params: parameters at which to evaluate.
-      batch: ``(inputs, labels)``.
+      batch: ``(inputs, labels)`` or ``(inputs, labels, weights)``.
       quantities: the registry rows to evaluate.
-      repeats, number: see :func:`time_jitted`.
+      options: keywords passed to every row's ``compute`` (e.g. ``{"reduction": "token_mean"}``).
+      baseline_loss: ``baseline_loss(apply_fn, params, batch)``, the loss whose ``jax.grad`` is
+        the time unit; it must be the loss the rows compute curvature of.
+      catch_errors: if true, a row whose computation raises shows the error's type and first
+        line instead of a value (its time columns read ``-``); if false the error propagates.
+      repeats, number, max_seconds: see :func:`time_jitted` (per row).
 
     Returns:
       ``(table, skipped)``: the formatted table and the rows skipped because curvjax lacks them.
     """
     present, skipped = available_quantities(quantities)
+    options = dict(options or {})
 
-    baseline = jax.jit(lambda p, b: jax.grad(mean_cross_entropy, argnums=1)(apply_fn, p, b))
-    _, base_seconds = time_jitted(baseline, params, batch, repeats=repeats, number=number)
+    baseline = jax.jit(lambda p, b: jax.grad(baseline_loss, argnums=1)(apply_fn, p, b))
+    timing = {"repeats": repeats, "number": number, "max_seconds": max_seconds}
+    _, base_seconds = time_jitted(baseline, params, batch, **timing)
 
     rows = [["jax.grad (baseline)", f"{1e3 * base_seconds:.3f}", "1.00", "reference"]]
     for quantity in present:
-        fn = jax.jit(lambda p, b, q=quantity: q.compute(apply_fn, p, b))
-        value, seconds = time_jitted(fn, params, batch, repeats=repeats, number=number)
+        fn = jax.jit(lambda p, b, q=quantity: q.compute(apply_fn, p, b, **options))
+        try:
+            value, seconds = time_jitted(fn, params, batch, **timing)
+        except Exception as error:  # noqa: BLE001  (shown in the table when asked to)
+            if not catch_errors:
+                raise
+            message = (str(error).strip().splitlines() or [""])[0]
+            rows.append([quantity.name, "-", "-", f"raised {type(error).__name__}: {message}"])
+            continue
         rows.append(
             [
                 quantity.name,
@@ -496,3 +556,178 @@ def run_demo(
             print(save_density_plot(apply_fn, params, batch, plot, seed=seed))
         else:
             print("--plot skipped: this curvjax has no curvjax.spectral")
+
+
+# --------------------------------------------------------------------------------------------
+# ``demo lm``: a transformer language model on standard-library source code
+# --------------------------------------------------------------------------------------------
+
+
+def _row(name: str) -> Quantity:
+    return next(q for q in QUANTITIES if q.name == name)
+
+
+LM_QUANTITIES: list[Quantity] = [
+    *(
+        _row(name)
+        for name in (
+            "grad",
+            "per_example_grads",
+            "batch_l2",
+            "sum_grad_squared",
+            "variance",
+            "extract (all first-order)",
+            "ggn_diag_mc",
+        )
+    ),
+    Quantity(
+        "hessian_diag (Hutchinson, 10 probes)",
+        "hessian_diag",
+        lambda f, p, b, **o: curvjax.hessian_diag(
+            f, p, b, method="hutchinson", key=jax.random.key(0), mc_samples=10, **o
+        ),
+        summarize_trace,
+    ),
+    Quantity(
+        "kfac (expand)",
+        "kfac",
+        lambda f, p, b, **o: curvjax.kfac(
+            f, p, b, key=jax.random.key(0), approximation="expand", **o
+        ),
+        summarize_blocks,
+    ),
+    Quantity(
+        "kfac (reduce)",
+        "kfac",
+        lambda f, p, b, **o: curvjax.kfac(
+            f, p, b, key=jax.random.key(0), approximation="reduce", **o
+        ),
+        summarize_blocks,
+    ),
+    _row("hvp"),
+    Quantity(
+        "ggn_vp", "ggn_vp", lambda f, p, b, **o: curvjax.ggn_vp(f, p, b, p, **o), summarize_hvp
+    ),
+    _row("spectrum (top-10, Lanczos)"),
+]
+"""The rows of ``demo lm``: first-order quantities, Monte-Carlo and Hutchinson diagonals, K-FAC's
+expand and reduce approximations, curvature-vector products and the top of the spectrum."""
+
+LM_EXACT_QUANTITIES: list[Quantity] = [
+    _row("ggn_diag"),
+    Quantity(
+        "kflr (expand)",
+        "kflr",
+        lambda f, p, b, **o: curvjax.kflr(f, p, b, approximation="expand", **o),
+        summarize_blocks,
+    ),
+    _row("hessian_diag"),
+]
+"""The rows ``demo lm --exact`` adds: exact GGN quantities backpropagate ``T · V`` output columns
+per sequence, and the exact Hessian diagonal refuses a tied embedding (it says so in the table)."""
+
+
+def padded_batch(
+    tokens: np.ndarray, targets: np.ndarray, *, seed: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(tokens, targets, mask)``: sequence ``n`` keeps its first ``length_n`` positions.
+
+    Lengths are drawn uniformly from ``T/2 .. T`` (``numpy.random.default_rng(seed)``); the mask
+    ``[N, T]`` is 1 on kept positions and 0 on padding, whose targets are set to 0 (any target
+    would do: masked positions contribute nothing).
+    """
+    n, length = tokens.shape
+    lengths = np.random.default_rng(seed).integers(length // 2, length + 1, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
+    targets = np.where(mask > 0, targets, 0)
+    return jnp.asarray(tokens), jnp.asarray(targets), jnp.asarray(mask)
+
+
+def run_lm_demo(
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    seq_len: int = 32,
+    seed: int = 0,
+    plot: str | None = None,
+    exact: bool = False,
+) -> None:
+    """Trains a small transformer LM on standard-library source, prints losses and the table.
+
+    Args:
+      steps: AdamW steps.
+      batch_size: sequences per training step and in the quantity table.
+      seq_len: ``T``, characters per sequence.
+      seed: seed for the data, the initialisation, the mini-batches and the padding lengths.
+      plot: if given, a path where the Hessian's spectral density is written as a PNG.
+      exact: also time the exact GGN diagonal, KFLR and the exact Hessian diagonal
+        (:data:`LM_EXACT_QUANTITIES`; slow: ``T · V`` backpropagated columns per sequence).
+    """
+    from curvjax._src import lm  # imported here: reads the standard-library sources
+
+    config = lm.Config(width=32, num_heads=2, num_layers=2, seq_len=seq_len)
+    apply_fn = lm.make_apply_fn(config)
+    train_data = lm.char_data(4096, seq_len, seed=seed)
+    test_tokens, test_targets = lm.char_data(256, seq_len, seed=seed, split="test")
+    key = jax.random.key(seed, impl="rbg")  # fast to compile on CPU (see run_demo)
+    params = jax.jit(lambda k: lm.init(k, config))(key)
+    print(
+        f"lm: {len(lm.corpus())} characters of Python source ({', '.join(lm.MODULES)}), "
+        f"vocabulary V={config.vocab_size}; transformer with {config.num_layers} pre-LN blocks, "
+        f"width {config.width}, {config.num_heads} heads, T={seq_len}, tied embedding, "
+        f"{lm.num_params(params)} parameters; backend {jax.default_backend()}"
+    )
+
+    start = time.perf_counter()
+    params, losses = lm.train(
+        apply_fn, params, train_data, steps=steps, batch_size=batch_size, seed=seed
+    )
+    if steps:
+        print(
+            f"trained {steps} AdamW steps (batch {batch_size}) in "
+            f"{time.perf_counter() - start:.1f} s; loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+            f"(uniform: log V = {np.log(config.vocab_size):.3f})"
+        )
+    per_token = np.asarray(
+        jax.jit(lm.per_token_loss, static_argnums=0)(apply_fn, params, test_tokens, test_targets)
+    )
+    by_position = per_token.mean(axis=0)
+    shown = sorted({0, 1, 3, 7, 15, seq_len - 1} & set(range(seq_len)))
+    print(
+        f"held-out loss {per_token.mean():.3f} nats/char; by position (context length): "
+        + ", ".join(f"t={t}: {by_position[t]:.2f}" for t in shown)
+    )
+
+    batch = padded_batch(train_data[0][:batch_size], train_data[1][:batch_size], seed=seed)
+    print()
+    print(
+        f"curvjax quantities on N={batch_size} sequences of at most T={seq_len} characters, "
+        f"{int(batch[2].sum())} unpadded (logits [N, T, V], cross_entropy, "
+        "reduction token_mean: g_n = grad loss_n / number of unpadded tokens); median time per "
+        "call, jitted, after warm-up:"
+    )
+    options = {"reduction": "token_mean"}
+    rows = LM_QUANTITIES + (LM_EXACT_QUANTITIES if exact else [])
+    table, skipped = quantity_table(
+        apply_fn,
+        params,
+        batch,
+        rows,
+        options=options,
+        baseline_loss=lm.token_mean_loss,
+        catch_errors=True,
+        repeats=3,
+        number=5,
+        max_seconds=1.0,
+    )
+    print(table)
+    if not exact:
+        print(
+            f"not timed: ggn_diag, kflr and the exact hessian_diag (exact GGN quantities "
+            f"backpropagate T*V = {seq_len * config.vocab_size} columns per sequence; "
+            "add --exact to time them)"
+        )
+    if skipped:
+        print(f"skipped (not in this curvjax version): {', '.join(q.name for q in skipped)}")
+    if plot is not None:
+        print(save_density_plot(apply_fn, params, batch, plot, seed=seed, options=options))
