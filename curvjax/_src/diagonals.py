@@ -158,7 +158,8 @@ def residual_cost_issue(model: taps_lib.TracedModel) -> str | None:
     return (
         f"its {len(counts)} residual nodes need {sum(counts)} backpropagated columns per example "
         f"(the largest, {where}, {counts[big]}), {elements:.2e} elements for "
-        f"N = {model.num_examples}, more than the {MAX_RESIDUAL_ELEMENTS:.2e} allowed"
+        f"N = {model.num_examples}, more than the {MAX_RESIDUAL_ELEMENTS:.2e} allowed (the count "
+        "grows linearly with N: fewer examples per call would lower it)"
     )
 
 
