@@ -132,6 +132,51 @@ def test_the_other_approximation_is_not_exact(fn, approximation):
         assert _rel_gap(curvjax.block_to_dense(blocks[leaf]), want) > 0.05, leaf
 
 
+def _conv(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, window_strides=(1, 1), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _conv_params():
+    keys = jax.random.split(jax.random.key(8), 2)
+    return {
+        "k1": jax.random.normal(keys[0], (3, 3, 2, 3)) / 4,  # 3x3 patches: the weight is shared
+        "k2": jax.random.normal(keys[1], (1, 1, 3, C)) / 2,  # 1x1: one position in, one out
+    }
+
+
+def conv_per_pixel(p, x):
+    """Two linear convolutions, per-pixel outputs ``[N, H', W', C]`` (a segmentation map)."""
+    return _conv(_conv(x, p["k1"]), p["k2"])
+
+
+def conv_pooled(p, x):
+    """The same, averaged over the pixels before the loss: ``[N, C]``."""
+    return conv_per_pixel(p, x).mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize(
+    ("fn", "approximation"),
+    [(conv_per_pixel, "expand"), (conv_pooled, "reduce")],
+    ids=["expand", "reduce"],
+)
+def test_kflr_is_exact_for_linear_convolutions(fn, approximation):
+    """The output at pixel ``t`` depends on the first layer's output at ``t`` alone (the second
+    kernel is 1x1), through the same ``J`` everywhere: expand is exact with per-pixel losses,
+    reduce with pixels averaged before the loss, for both kernels (patches as inputs)."""
+    params = _conv_params()
+    x = jax.random.normal(jax.random.key(9), (N, 5, 5, 2))
+    batch = (x, _targets(fn, params, x))
+    blocks = curvjax.kflr(fn, params, batch, loss="mse", approximation=approximation)
+    swapped = "reduce" if approximation == "expand" else "expand"
+    other = curvjax.kflr(fn, params, batch, loss="mse", approximation=swapped)
+    for leaf in ("k1", "k2"):
+        want = ggn_block(fn, params, batch, leaf, "mean")
+        assert _rel_gap(curvjax.block_to_dense(blocks[leaf]), want) < 1e-10, leaf
+        assert _rel_gap(curvjax.block_to_dense(other[leaf]), want) > 0.05, leaf
+
+
 def test_expand_and_reduce_coincide_without_shared_positions():
     params, x = _deep_linear_params(), _inputs(t=1)
     batch = (x, _targets(per_position, params, x))
