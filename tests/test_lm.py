@@ -1,13 +1,20 @@
 """The transformer language model and its character data (``curvjax._src.lm``), and curvjax's
 per-sequence quantities on it (flax linen and the equinox twin of ``models.equinox_lm``)."""
 
+import functools
+
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import models
 import numpy as np
+import optax
 import pytest
+import reference
+from helpers import assert_tree_close
 
+import curvjax
 from curvjax._src import lm
 
 TINY = lm.Config(vocab_size=16, width=16, num_heads=2, num_layers=2, seq_len=8)
@@ -162,3 +169,200 @@ def test_training_on_stdlib_text_lowers_held_out_loss():
     # uniform guessing costs log(97) = 4.57 nats; 100 AdamW steps reach about 2.7 on held-out
     # source text (character frequencies and common bigrams), far from the initial loss
     assert before > 4.0 and after < before - 1.0, (before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# curvjax on the language model: per-sequence quantities against dense float64 references
+#
+# The loss of sequence n is l_n = sum_t w_nt CE(f_nt, y_nt) and L = kappa sum_n l_n with
+# kappa = 1 (sum), 1/N (mean) or 1/sum_nt w_nt (token_mean). The references below never call
+# curvjax: vmap(grad) of l_n evaluated on one sequence at a time, and the GGN
+# kappa sum_nt w_nt J_ntᵀ (diag p_nt - p_nt p_ntᵀ) J_nt from jax.jacobian.
+
+SMALL = lm.Config(vocab_size=16, width=16, num_heads=2, num_layers=1, seq_len=8, mlp_ratio=2)
+N_SEQ = 3
+
+
+def _model(framework, config):
+    """``(apply_fn, params)`` in float64 with weights away from init; jitted ``apply_fn``."""
+    if framework == "linen":
+        shapes = jax.eval_shape(lambda key: lm.init(key, config), jax.random.key(0))
+        return lm.make_apply_fn(config), models.fill(f"lm/{config}", shapes)
+    return models.equinox_lm(
+        vocab_size=config.vocab_size,
+        width=config.width,
+        num_heads=config.num_heads,
+        num_layers=config.num_layers,
+        max_len=config.seq_len,
+        mlp_ratio=config.mlp_ratio,
+    )
+
+
+def _batch(config, salt, masked=True):
+    """``(tokens, targets[, mask])``: sequence 0 full, 1 and 2 padded after 5 and 2 positions."""
+    tokens = _tokens((N_SEQ, config.seq_len), config.vocab_size, "tokens/" + salt)
+    targets = _tokens((N_SEQ, config.seq_len), config.vocab_size, "targets/" + salt)
+    if not masked:
+        return tokens, targets
+    lengths = np.array([config.seq_len, 5, 2])
+    mask = jnp.asarray(np.arange(config.seq_len)[None, :] < lengths[:, None], jnp.float64)
+    return tokens, targets, mask
+
+
+def _weights(batch):
+    tokens = batch[0]
+    return batch[2] if len(batch) == 3 else jnp.ones(tokens.shape, jnp.float64)
+
+
+def _kappa(reduction, weights):
+    return {"sum": 1.0, "mean": 1.0 / weights.shape[0], "token_mean": 1.0 / weights.sum()}[
+        reduction
+    ]
+
+
+def _sequence_loss(apply_fn, params, tokens_n, targets_n, weights_n):
+    """``l_n``: the model sees sequence n alone (a batch of one)."""
+    logits = apply_fn(params, tokens_n[None])[0]
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_p, targets_n[:, None], axis=-1)[:, 0]
+    return jnp.sum(weights_n * nll)
+
+
+def _reduced_loss(apply_fn, params, batch, reduction):
+    """``L = kappa sum_nt w_nt CE(f_nt, y_nt)`` with the whole batch in one forward pass."""
+    weights = _weights(batch)
+    logits = apply_fn(params, batch[0])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])
+    return _kappa(reduction, weights) * jnp.sum(weights * nll)
+
+
+def _reference_per_sequence_grads(apply_fn, params, batch, reduction):
+    weights = _weights(batch)
+    grads = _jit(
+        jax.vmap(jax.grad(functools.partial(_sequence_loss, apply_fn)), in_axes=(None, 0, 0, 0))
+    )(params, batch[0], batch[1], weights)
+    return jax.tree.map(lambda g: _kappa(reduction, weights) * g, grads)
+
+
+def _reference_ggn(apply_fn, params, batch, reduction):
+    """Dense ``[D, D]`` GGN over ``ravel_pytree(params)`` of the reduced per-sequence loss."""
+    tokens, _, *_ = batch
+    weights = _weights(batch)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    @_jit
+    def ggn(flat):
+        outputs = lambda v: apply_fn(unravel(v), tokens)  # noqa: E731
+        jac = jax.jacobian(outputs)(flat)  # [N, T, V, D]
+        p = jax.nn.softmax(outputs(flat), axis=-1)  # [N, T, V]
+        hess_jac = (
+            p[..., None] * jac - p[..., None] * jnp.sum(p[..., None] * jac, axis=2)[:, :, None]
+        )
+        return _kappa(reduction, weights) * jnp.einsum(
+            "ntvd,ntve->de", weights[:, :, None, None] * jac, hess_jac
+        )
+
+    return ggn(flat), unravel
+
+
+FRAMEWORKS = ["linen", "equinox"]
+REDUCTIONS = ["sum", "mean", "token_mean"]
+
+
+def _jit(fun):
+    return jax.jit(fun, compiler_options=reference.FAST_COMPILE)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_per_sequence_grads_equal_vmap_grad(framework):
+    config = lm.Config(vocab_size=16, width=16, num_heads=2, num_layers=2, seq_len=8, mlp_ratio=2)
+    apply_fn, params = _model(framework, config)
+    masked = _batch(config, "grads")
+    unmasked = masked[:2]
+
+    @_jit
+    def per_sequence(p, masked, unmasked):
+        got = {r: curvjax.per_example_grads(apply_fn, p, masked, reduction=r) for r in REDUCTIONS}
+        got["unmasked"] = curvjax.per_example_grads(apply_fn, p, unmasked, reduction="sum")
+        return got
+
+    got = per_sequence(params, masked, unmasked)
+    unscaled = _reference_per_sequence_grads(apply_fn, params, masked, "sum")
+    grad_sum = _jit(jax.grad(lambda p: _reduced_loss(apply_fn, p, masked, "sum")))(params)
+    weights = masked[2]
+    for reduction in REDUCTIONS:
+        kappa = _kappa(reduction, weights)
+        want = jax.tree.map(lambda g, kappa=kappa: kappa * g, unscaled)
+        # a few hundred float64 roundings in the sums over positions, heads and tokens
+        assert_tree_close(got[reduction], want, params, what=f"{framework} {reduction}")
+        # they add up to the gradient of the reduced loss, evaluated on the whole batch
+        total = jax.tree.map(lambda g: g.sum(axis=0), got[reduction])
+        want_total = jax.tree.map(lambda g, kappa=kappa: kappa * g, grad_sum)
+        assert_tree_close(total, want_total, params, what=f"{framework} {reduction}: sum_n g_n")
+    want = _reference_per_sequence_grads(apply_fn, params, unmasked, "sum")
+    assert_tree_close(got["unmasked"], want, params, what=f"{framework} without mask")
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_ggn_diag_and_ggn_vp_equal_dense_ggn(framework):
+    apply_fn, params = _model(framework, SMALL)
+    batch = _batch(SMALL, "ggn")
+    ggn, unravel = _reference_ggn(apply_fn, params, batch, "token_mean")
+    vector = unravel(
+        jnp.asarray(np.random.default_rng(0).standard_normal(ggn.shape[0]), jnp.float64)
+    )
+
+    @_jit
+    def quantities(p, b, v):
+        return (
+            curvjax.ggn_diag(apply_fn, p, b, reduction="token_mean"),
+            curvjax.ggn_vp(apply_fn, p, b, v, reduction="token_mean"),
+        )
+
+    diag, product = quantities(params, batch, vector)
+    flat_vector = jax.flatten_util.ravel_pytree(vector)[0]
+    # float64 sums over T * V = 128 columns per sequence and over D ~ 2,600 parameters
+    assert_tree_close(diag, unravel(jnp.diag(ggn)), params, what=f"{framework} ggn_diag")
+    assert_tree_close(product, unravel(ggn @ flat_vector), params, what=f"{framework} ggn_vp")
+
+
+def test_masked_positions_contribute_nothing():
+    """Changing the target of a padded position, or its logits (their values and their
+    dependence on the parameters), changes no quantity."""
+    apply_fn, params = _model("linen", SMALL)
+    tokens, targets, mask = _batch(SMALL, "mask")
+    padded = np.asarray(mask) == 0
+    new_targets = jnp.where(padded, (targets + 7) % SMALL.vocab_size, targets)
+    assert int(jnp.sum(new_targets != targets)) == int(padded.sum()) > 0
+
+    def perturbed(p, x):  # padded logits moved and made to depend on the parameters differently
+        logits = apply_fn(p, x)
+        return logits + (1.0 - mask)[:, :, None] * (3.0 * jnp.tanh(logits) ** 2 + 1.0)
+
+    names = ["per_example_grads", "batch_l2", "ggn_diag", "ggn_diag_mc", "kfac", "kflr"]
+
+    def quantities(f, p, b):
+        out = curvjax.extract(
+            f, p, b, names, reduction="token_mean", key=jax.random.key(1), mc_samples=2
+        )
+        out["hvp"] = curvjax.hvp(f, p, b, p, reduction="token_mean")
+        out["ggn_vp"] = curvjax.ggn_vp(f, p, b, p, reduction="token_mean")
+        return out
+
+    base = _jit(functools.partial(quantities, apply_fn))(params, (tokens, targets, mask))
+    changed = _jit(functools.partial(quantities, apply_fn))(params, (tokens, new_targets, mask))
+    moved = _jit(functools.partial(quantities, perturbed))(params, (tokens, targets, mask))
+    assert float(jnp.max(jnp.abs(perturbed(params, tokens) - apply_fn(params, tokens)))) > 0.5
+    for other, what in [(changed, "new targets"), (moved, "new logits")]:
+        for name in ["loss", "grad", *names, "hvp", "ggn_vp"]:
+            want, got = jax.tree.leaves(base[name]), jax.tree.leaves(other[name])
+            assert len(want) == len(got) > 0
+            for w, g in zip(want, got, strict=True):
+                # equal up to float64 rounding of the (possibly reordered) sums
+                np.testing.assert_allclose(
+                    g,
+                    w,
+                    rtol=1e-12,
+                    atol=1e-12 * float(np.max(np.abs(w))),
+                    err_msg=f"{what} {name}",
+                )
