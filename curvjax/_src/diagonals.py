@@ -219,9 +219,8 @@ def hutchinson_diag(apply_fn, params, batch, *, loss, reduction, key, mc_samples
         raise ValueError("method='hutchinson' needs `key=jax.random.key(...)`.")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
-    _, _, _, floats, _, reduced, to_tree, _ = products.whole_batch(
-        apply_fn, params, batch, loss, reduction
-    )
+    w = products.whole_batch(apply_fn, params, batch, loss, reduction)
+    floats, reduced, to_tree = w.floats, w.reduced, w.to_tree
 
     def probe(k):
         keys = jax.random.split(k, len(floats))
