@@ -451,13 +451,19 @@ def rnn_transposed(p, x):
     return h @ p["wo"]
 
 
-def test_other_uses_inside_a_scan_keep_the_exact_diagonal():
+def rnn_transformed(p, x):
+    """The recurrent weight transformed non-linearly before the scan closes over it."""
+    return rnn(dict(p, wh=jnp.tanh(p["wh"])), x)
+
+
+@pytest.mark.parametrize("fn", [rnn_transposed, rnn_transformed], ids=["transposed", "tanh"])
+def test_other_uses_inside_a_scan_keep_the_exact_diagonal(fn):
     params, x = _rnn_params(), _inputs()
-    batch = (x, _targets(rnn_transposed, params, x))
-    blocks = curvjax.kflr(rnn_transposed, params, batch, loss="mse")
+    batch = (x, _targets(fn, params, x))
+    blocks = jax.jit(lambda p, b: curvjax.kflr(fn, p, b, loss="mse"))(params, batch)
     assert isinstance(blocks["wh"], curvjax.DiagonalBlock)
     assert isinstance(blocks["wx"], curvjax.KroneckerBlock)
-    want = jnp.diag(ggn_block(rnn_transposed, params, batch, "wh", "mean"))
+    want = jnp.diag(ggn_block(fn, params, batch, "wh", "mean"))
     assert _rel_gap(jnp.diag(curvjax.block_to_dense(blocks["wh"])), want) < 1e-10
 
 

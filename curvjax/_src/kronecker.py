@@ -156,7 +156,10 @@ def _scan_use(p: backprop.Pass, k: int):
     if len(taps) != 1 or taps[0].eqn.primitive is not jax.lax.scan_p:
         return None
     (tap,) = taps
-    carriers = _operands_of_leaf(p, tap, k)
+    try:  # a weight transformed non-linearly before the scan has a value-dependent pull-back
+        carriers = _operands_of_leaf(p, tap, k)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
     if len(carriers) != 1:
         return None
     (position,) = carriers
@@ -170,8 +173,10 @@ def _scan_use(p: backprop.Pass, k: int):
             tap, position, body_index, p.statics[tap.id], p.acts[tap.id], cols[tap.id]
         )
 
-    layout = scan_rule.layout(tap, position, body_index)
-    index = _permutation_index(p, tap, k, slot, layout)
+    try:
+        index = _permutation_index(p, tap, k, slot, scan_rule.layout(tap, position, body_index))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
     if index is None:
         return None
     return [_Use(form, lambda p: index)]
