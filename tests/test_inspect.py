@@ -83,3 +83,20 @@ def test_inspect_reports_batch_mixing():
     assert "batch mixing" in str(report)
     non_float = [leaf for leaf in report.leaves if leaf.block is None]
     assert non_float == []  # batch statistics are float leaves here: listed with their taps
+
+
+def test_inspect_reports_too_many_residual_columns(monkeypatch):
+    """The exact method's size guard shows in the report, as the refusal it causes."""
+    from curvjax._src import diagonals
+
+    mlp = lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"]  # noqa: E731
+    params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
+    monkeypatch.setattr(diagonals, "MAX_RESIDUAL_ELEMENTS", 1)
+    report = curvjax.inspect(mlp, params, jnp.ones((5, 3)))
+    assert len(report.hessian_issues) == 1 and "residual nodes" in report.hessian_issues[0]
+    try:
+        curvjax.hessian_diag(mlp, params, (jnp.ones((5, 3)), jnp.arange(5) % 2))
+    except ValueError as err:
+        assert "residual nodes" in str(err)
+    else:
+        raise AssertionError("the exact Hessian diagonal should refuse this model")

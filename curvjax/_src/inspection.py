@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from curvjax._src import leafwise, mixing, primitives, rules
+from curvjax._src import diagonals, leafwise, mixing, primitives, rules
 from curvjax._src import taps as taps_lib
 
 KRONECKER, DENSE, DIAGONAL = "kronecker", "dense", "diagonal"
@@ -134,6 +134,8 @@ def inspect(apply_fn, params: Any, inputs: Any) -> ModelReport:
     issues = tuple(model.unsupported) + tuple(
         t.hessian_issue for t in model.taps if t.hessian_issue
     )
+    cost = None if issues else diagonals.residual_cost_issue(model)
+    issues += (cost,) if cost is not None else ()
     mixed, unknown = mixing.model_report(apply_fn, params, inputs)
     float_position = {i: k for k, i in enumerate(model.float_index)}
     shapes = [jnp.shape(leaf) for leaf in jax.tree.leaves(params)]
