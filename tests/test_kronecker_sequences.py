@@ -420,6 +420,45 @@ def test_rnn_cell_kernels_share_their_weight_over_the_steps(approximation):
     assert _rel_gap(curvjax.block_to_dense(blocks["b"]), want) < 1e-10
 
 
+def test_flax_rnn_cell_gets_the_same_blocks():
+    """``flax.linen.RNN(SimpleCell)`` (``nn.scan`` closing over the cell's kernels) gives the
+    blocks of the plain ``lax.scan`` model with the same weights."""
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            cell = nn.SimpleCell(
+                H,
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+                carry_init=nn.initializers.zeros_init(),
+            )
+            return nn.Dense(C, use_bias=False, param_dtype=jnp.float64)(nn.RNN(cell)(x)[:, -1])
+
+    params, x = _rnn_params(), _inputs()
+    batch = (x, _targets(rnn, params, x))
+    variables = {
+        "params": {
+            "SimpleCell_0": {
+                "h": {"kernel": params["wh"]},
+                "i": {"kernel": params["wx"], "bias": params["b"]},
+            },
+            "Dense_0": {"kernel": params["wo"]},
+        }
+    }
+    model = Model()
+    flax_variables = model.init(jax.random.key(0), x)
+    assert jax.tree.structure(flax_variables) == jax.tree.structure(variables)
+    got = curvjax.kflr(model.apply, variables, batch, loss="mse")["params"]
+    want = curvjax.kflr(rnn, params, batch, loss="mse")
+    cell = got["SimpleCell_0"]
+    for leaf, block in (("wh", cell["h"]["kernel"]), ("wx", cell["i"]["kernel"])):
+        assert isinstance(block, curvjax.KroneckerBlock), leaf
+        np.testing.assert_allclose(block.a, want[leaf].a, rtol=1e-12)
+        np.testing.assert_allclose(block.b, want[leaf].b, rtol=1e-12)
+
+
 def scanned_positions(p, x):
     """A dense layer applied position by position by ``lax.scan`` (the carry unused)."""
     _, ys = jax.lax.scan(lambda c, x_s: (c, x_s @ p["w"]), jnp.zeros(()), jnp.swapaxes(x, 0, 1))
