@@ -89,7 +89,7 @@ def _gram_of_rows(rows):
 
 
 def _input_factor(forms, n: int, approximation: str):
-    """``A`` ``[G, I, I]`` from the forms of a kernel's uses (one form per tap)."""
+    """``A`` ``[G, I, I]`` from the forms of a kernel's uses (one form per use)."""
     positions = sum(form.a.shape[2] for form in forms)
     if approximation == "reduce":
         mean = sum(jnp.sum(form.a, axis=2) for form in forms) / positions  # [N, G, I]
@@ -101,7 +101,7 @@ def _input_factor(forms, n: int, approximation: str):
 
 
 def _output_factor(forms, approximation: str):
-    """``B`` ``[G, O, O]`` from the forms of a kernel's uses (one form per tap)."""
+    """``B`` ``[G, O, O]`` from the forms of a kernel's uses (one form per use)."""
     if approximation == "reduce":
         total = sum(jnp.sum(form.b, axis=3) for form in forms)  # [N, M, G, O]
         n, m, g, o = total.shape
