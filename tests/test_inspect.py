@@ -53,11 +53,15 @@ def test_inspect_lists_taps_rules_and_blocks():
 def test_inspect_names_what_prevents_the_exact_hessian_diagonal():
     apply_fn, params, tokens = _problem()
     report = curvjax.inspect(apply_fn, params, tokens)
-    assert report.hessian_issues  # tied embedding: a parameter shapes its own input
-    assert any("tied weights" in issue for issue in report.hessian_issues)
+    assert report.hessian_issues == ()  # the tied embedding is treated exactly
+    transformed = lambda p, x: jnp.tanh(x @ jnp.exp(p["w"])) @ p["v"]  # noqa: E731
+    params = {"w": jnp.ones((3, 4)), "v": jnp.ones((4, 2))}
+    report = curvjax.inspect(transformed, params, jnp.ones((5, 3)))
+    assert report.hessian_issues  # a parameter transformed non-linearly before use
+    assert any("non-linearly" in issue for issue in report.hessian_issues)
     assert all(leaf.hessian_diag is not None for leaf in report.leaves)
     try:
-        curvjax.hessian_diag(apply_fn, params, (tokens, jnp.arange(4) % 11))
+        curvjax.hessian_diag(transformed, params, (jnp.ones((5, 3)), jnp.arange(5) % 2))
     except ValueError as err:
         assert report.hessian_issues[0].split(" (")[0] in str(err)
     else:
@@ -100,3 +104,31 @@ def test_inspect_reports_too_many_residual_columns(monkeypatch):
         assert "residual nodes" in str(err)
     else:
         raise AssertionError("the exact Hessian diagonal should refuse this model")
+
+
+def test_inspect_announces_kronecker_blocks_of_tied_and_scanned_kernels():
+    """A kernel applied in two layers, and an RNN cell's kernel inside ``lax.scan``, get one
+    Kronecker block each in ``kflr``; ``inspect`` says so (and agrees with ``kflr``)."""
+
+    def tied(p, x):
+        return jnp.tanh(jnp.tanh(x @ p["w"]) @ p["w"]) @ p["v"]
+
+    def rnn(p, x):  # x [N, T, 3]
+        def step(h, xt):
+            h = jnp.tanh(xt @ p["u"] + h @ p["w"])
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros((x.shape[0], 3)), jnp.swapaxes(x, 0, 1))
+        return hs[-1] @ p["v"]
+
+    cases = [
+        (tied, {"w": jnp.eye(3) + 0.1, "v": jnp.ones((3, 2))}, jnp.ones((5, 3))),
+        (rnn, {"u": jnp.eye(3), "w": 0.5 * jnp.eye(3), "v": jnp.ones((3, 2))}, jnp.ones((5, 4, 3))),
+    ]
+    for apply_fn, params, x in cases:
+        report = curvjax.inspect(apply_fn, params, x)
+        blocks = curvjax.kflr(apply_fn, params, (x, jnp.arange(5) % 2))
+        for leaf in report.leaves:
+            name = leaf.name.split("'")[1]
+            assert leaf.block == "kronecker", (apply_fn.__name__, name)
+            assert type(blocks[name]).__name__ == "KroneckerBlock"
