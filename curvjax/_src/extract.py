@@ -51,8 +51,9 @@ def extract(
       mc_samples: default number of sampled columns ``M`` per example.
       options: per-quantity options overriding the defaults, e.g.
         ``{"kfac": {"mc_samples": 4}}`` (then ``kfac`` and ``ggn_diag_mc`` no longer share their
-        samples) or ``{"chain_factors": {"vectors": "exact"}}`` (the exact columns instead of
-        Monte-Carlo ones).
+        samples), ``{"kflr": {"approximation": "reduce"}}`` (weights shared over positions:
+        ``"expand"``, the default, or ``"reduce"``) or ``{"chain_factors": {"vectors": "exact"}}``
+        (the exact columns instead of Monte-Carlo ones).
 
     Returns:
       A dict with ``"loss"`` (the scalar ``L``), ``"grad"`` (pytree like ``params``) and one entry

@@ -22,6 +22,11 @@ as one input; it is exact for deep linear networks whose positions are summed or
 the loss. Both coincide for ``T = 1``. For mean reduction (``κ = 1/N``) the expand product reads
 ``(1/(NT) Σ a aᵀ) ⊗ (1/N Σ b̂ b̂ᵀ)`` with ``b̂`` the cotangents of ``ℓ_n``.
 
+**Padding.** ``A`` is a statistic of the layer's inputs and averages over all ``N T`` positions,
+padded ones (weight 0 in the loss) included: a layer's positions need not correspond to the
+output positions that the weights refer to. ``B``, which carries the loss weights through the
+backpropagated vectors, and every exact quantity ignore positions of weight 0.
+
 KFLR backpropagates the exact factor ``S_n`` (Botev et al. 2017), KFAC ``M`` sampled columns
 (Martens & Grosse 2015), KFRA replaces the per-example backpropagation of ``B`` by the batch-averaged
 recursion ``B̄⁽ⁱ⁻¹⁾ = (1/N) Σ_n J_nᵀ B̄⁽ⁱ⁾ J_n`` along a chain of dense layers.
