@@ -58,7 +58,16 @@ class Pass(NamedTuple):
         """:attr:`cots` with a column axis of size one: tap id -> ``[N, 1, *shape]``."""
         return jax.tree.map(lambda c: c[:, None], self.cots)
 
-    def reduce_columns(self, fn, columns, *, weights=None, probe_columns=None, output_columns=None):
+    def reduce_columns(
+        self,
+        fn,
+        columns,
+        *,
+        weights=None,
+        probe_columns=None,
+        output_columns=None,
+        direct_columns=None,
+    ):
         """``Σ_chunks fn(tap cotangents, weights)`` over chunks of the ``M`` vectors.
 
         Backpropagating all ``M`` vectors at once holds ``M`` copies of every intermediate
@@ -71,22 +80,26 @@ class Pass(NamedTuple):
             made a chunk at a time.
           weights: ``[N, M]`` (default ones), passed through to ``fn``.
           probe_columns, output_columns: as for :meth:`backpropagate`.
+          direct_columns: optional, tap id -> ``[N, M, *param input shape]``, chunked like the
+            vectors and passed to ``fn`` as a third argument (cotangents added directly to a
+            tap's parameter input, see :func:`curvjax._src.leafwise.sum_sq`).
         """
         lazy = isinstance(columns, positions.Columns)
         n = self.model.num_examples
         m = columns.count if lazy else columns.shape[1]
         dtype = self.outputs.dtype
         weights = jnp.ones((n, m), dtype) if weights is None else weights
-        extra = (probe_columns, output_columns)
+        extra = (probe_columns, output_columns, direct_columns)
         per_vector = n * (_size(self.cots) + _size(self.probes) + _size(self.tap_outputs))
+        per_vector += n * sum(int(np.prod(a.shape[2:])) for a in jax.tree.leaves(direct_columns))
         chunk = chunking.column_chunk_size(m, per_vector)
 
         def one(xs):
-            cols, w, (probes, outputs) = xs
+            cols, w, (probes, outputs, direct) = xs
             if lazy:
                 cols = columns.make(cols)
             cots = self.backpropagate(cols, probes, outputs)
-            return fn(cots, w)
+            return fn(cots, w) if direct_columns is None else fn(cots, w, direct)
 
         # vectors first; lazy columns travel as their 1-based indices (0 = a padding vector)
         first = jnp.arange(1, m + 1) if lazy else jnp.moveaxis(columns, 1, 0)

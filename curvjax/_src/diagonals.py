@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,32 @@ def _bilinear_columns(node: taps_lib.Node, statics, inputs, delta):
     return columns, jnp.concatenate([ones, -ones])
 
 
+def _tied_columns(node: taps_lib.Node, statics, inputs, delta):
+    """Residual columns of a tied tap ``z = B(x, θ̃)`` for one example (``x`` depends on ``θ``).
+
+    Writing each use ``u`` of a tied leaf ``θ`` as its own variable ``θ_u``, ``∇²L(θ)`` is the sum
+    of all blocks ``∂²L / ∂θ_u ∂θ_v``. Backpropagation through the uses gives every term but, at
+    each tap whose activation ``x`` depends on ``θ``, the cross term of ``⟨δ, B(x, θ̃)⟩`` in the
+    pair ``(x, θ̃)``: the bilinear residual ``[[0, R], [Rᵀ, 0]]`` of :func:`_bilinear_columns`.
+    Its columns enter at ``x`` (backpropagated) and at ``θ̃`` (added to the tap's per-column
+    parameter gradient, since ``∂θ̃/∂θ`` is the parameter-side relayout, before squaring).
+
+    Returns:
+      (``[2 m, *x.shape]`` activation columns, ``[2 m, *θ̃.shape]`` parameter columns, weights
+      ``[2 m]``), ``m = min(|x|, |θ̃|)``.
+    """
+    (x_pos,) = node.act_positions
+    p_pos = node.param_position
+    theta = statics[node.static_positions.index(p_pos)]
+    rest = tuple(i for i in node.static_positions if i != p_pos)
+    pair = dataclasses.replace(
+        node, act_positions=(x_pos, p_pos), static_positions=rest, kind=taps_lib.BILINEAR_NODE
+    )
+    rest_statics = tuple(statics[node.static_positions.index(i)] for i in rest)
+    (x_cols, theta_cols), weights = _bilinear_columns(pair, rest_statics, (inputs[0], theta), delta)
+    return x_cols, theta_cols, weights
+
+
 def _node_columns(node: taps_lib.Node, statics, inputs, delta):
     """Residual columns of one node for one example.
 
@@ -134,10 +162,13 @@ def node_column_count(node: taps_lib.Node) -> int:
     """Residual columns one example backpropagates for ``node``.
 
     Elementwise nodes: ``d k`` (``d`` output elements, ``k`` activation operands); bilinear nodes
-    (``dot_general`` of two activations): ``2 min(|x|, |y|)``.
+    (``dot_general`` of two activations): ``2 min(|x|, |y|)``; tied taps ``z = B(x, θ̃)``:
+    ``2 min(|x|, |θ̃|)``.
     """
     sizes = [int(np.prod(node.eqn.invars[i].aval.shape)) for i in node.act_positions]
-    if node.kind == taps_lib.BILINEAR_NODE:
+    if node.kind == taps_lib.TIED_NODE:
+        sizes.append(int(np.prod(node.eqn.invars[node.param_position].aval.shape)))
+    if node.kind in (taps_lib.BILINEAR_NODE, taps_lib.TIED_NODE):
         return 2 * min(sizes)
     return int(np.prod(node.eqn.outvars[0].aval.shape)) * len(sizes)
 
@@ -148,7 +179,10 @@ def residual_cost_issue(model: taps_lib.TracedModel) -> str | None:
         return None
     counts = [node_column_count(q) for q in model.nodes]
     span = int(np.prod(model.out_aval.shape)) + sum(
-        int(np.prod(q.eqn.invars[i].aval.shape)) for q in model.nodes for i in q.act_positions
+        int(np.prod(q.eqn.invars[i].aval.shape))
+        for q in model.nodes
+        for i in (*q.act_positions, q.param_position)
+        if i is not None
     )
     elements = model.num_examples * sum(counts) * span
     if elements <= MAX_RESIDUAL_ELEMENTS:
@@ -179,37 +213,87 @@ def _check_exact(p: backprop.Pass) -> None:
 
 
 def hessian_diag_of(p: backprop.Pass) -> list:
-    """Exact ``diag(∇²L)`` from a pass recorded with ``residuals=True``."""
+    """Exact ``diag(∇²L)`` from a pass recorded with ``residuals=True``.
+
+    The GGN columns and the residual columns of the elementwise and bilinear nodes are reduced
+    together; the residual columns of tied taps (whose parameter halves are added directly to the
+    tied leaves' per-column gradients) are reduced apart, for the tied leaves only (for any other
+    leaf each ``+`` column cancels its ``-`` twin).
+    """
     _check_exact(p)
     s_cols, signs = p.objective.signed_columns(p.outputs)  # [N, K, *P, C], [N, K]
     n = s_cols.shape[0]
-    out_parts, probe_parts, weight_parts = [s_cols], [], [signs.astype(s_cols.dtype)]
-    zero_probes = {
-        q.id: tuple(jnp.zeros((n, s_cols.shape[1], *u.shape[1:]), u.dtype) for u in p.probes[q.id])
-        for q in p.model.nodes
-    }
-    probe_parts.append(zero_probes)
-    for node in p.model.nodes:
-        fn = lambda u, dl, node=node: _node_columns(node, p.node_statics[node.id], u, dl[0])  # noqa: E731
+    nodes = p.model.nodes
+
+    def probes_of(m, node=None, cols=None):
+        return {
+            q.id: (
+                tuple(cols)
+                if node is not None and q.id == node.id
+                else tuple(jnp.zeros((n, m, *u.shape[1:]), u.dtype) for u in p.probes[q.id])
+            )
+            for q in nodes
+        }
+
+    def out_zeros(m):
+        return jnp.zeros((n, m, *s_cols.shape[2:]), s_cols.dtype)
+
+    out_parts, probe_parts, weight_parts = [s_cols], [probes_of(s_cols.shape[1])], [signs]
+    tied_parts = []  # (node, activation columns, parameter columns, weights)
+    for node in nodes:
+        statics = p.node_statics[node.id]
+        if node.kind == taps_lib.TIED_NODE:
+            fn = lambda u, dl, node=node, st=statics: _tied_columns(node, st, u, dl[0])  # noqa: E731
+            tied_parts.append((node, *jax.vmap(fn)(p.probes[node.id], p.node_cots[node.id])))
+            continue
+        fn = lambda u, dl, node=node, st=statics: _node_columns(node, st, u, dl[0])  # noqa: E731
         cols, weights = jax.vmap(fn)(p.probes[node.id], p.node_cots[node.id])
         m = weights.shape[1]
-        out_parts.append(jnp.zeros((n, m, *s_cols.shape[2:]), s_cols.dtype))
-        probe_parts.append(
+        out_parts.append(out_zeros(m))
+        probe_parts.append(probes_of(m, node, cols))
+        weight_parts.append(weights)
+    result = _reduce(p, out_parts, probe_parts, weight_parts)
+    if not tied_parts:
+        return result
+    direct_parts = []
+    probe_parts, weight_parts, out_parts = [], [], []
+    for node, x_cols, theta_cols, weights in tied_parts:
+        m = weights.shape[1]
+        out_parts.append(out_zeros(m))
+        probe_parts.append(probes_of(m, node, (x_cols,)))
+        weight_parts.append(weights)
+        direct_parts.append(
             {
-                q.id: (
-                    tuple(cols)
-                    if q.id == node.id
-                    else tuple(jnp.zeros((n, m, *u.shape[1:]), u.dtype) for u in p.probes[q.id])
-                )
-                for q in p.model.nodes
+                q.tap: theta_cols
+                if q.id == node.id
+                else jnp.zeros((n, m, *_param_aval(q).shape), _param_aval(q).dtype)
+                for q, *_ in tied_parts
             }
         )
-        weight_parts.append(weights.astype(s_cols.dtype))
+    leaves = sorted({k for q, *_ in tied_parts for k in p.model.taps[q.tap].leaves})
+    direct = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *direct_parts)
+    cross = _reduce(p, out_parts, probe_parts, weight_parts, direct, leaves)
+    for k in leaves:
+        result[k] = result[k] + cross[k]
+    return result
+
+
+def _param_aval(node: taps_lib.Node):
+    return node.eqn.invars[node.param_position].aval
+
+
+def _reduce(p: backprop.Pass, out_parts, probe_parts, weight_parts, direct=None, leaves=None):
+    """``leafwise.sum_sq`` of the concatenated column parts (and direct parameter columns)."""
+    dtype = out_parts[0].dtype
     columns = jnp.concatenate(out_parts, axis=1)
     probes = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *probe_parts)
-    weights = jnp.concatenate(weight_parts, axis=1)
+    weights = jnp.concatenate([w.astype(dtype) for w in weight_parts], axis=1)
+    if direct is None:
+        fn = lambda c, w: leafwise.sum_sq(p, c, w)  # noqa: E731
+    else:
+        fn = lambda c, w, d: leafwise.sum_sq(p, c, w, d, leaves)  # noqa: E731
     return p.reduce_columns(
-        lambda c, w: leafwise.sum_sq(p, c, w), columns, weights=weights, probe_columns=probes
+        fn, columns, weights=weights, probe_columns=probes, direct_columns=direct
     )
 
 

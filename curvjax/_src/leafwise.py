@@ -93,16 +93,19 @@ def _slow_grads_fn(p: Pass, slow: list[int]):
     taps = sorted({t.id: t for k in slow for t in p.model.taps_of_leaf[k]}.values(), key=_tap_id)
     _, vjp = _param_side(p, taps, slow)
 
-    def one(acts_n, cols_n):  # cols_n: tap id -> [M, *shape]
-        def one_column(cots_nm):
+    def one(acts_n, cols_n, direct_n=None):  # cols_n: tap id -> [M, *shape]
+        def one_column(cots_nm, direct_nm):
             tap_grads = {
                 t.id: generic.param_grad_one(t, p.statics[t.id], acts_n[t.id], cots_nm[t.id])
                 for t in taps
             }
+            for tap_id, extra in direct_nm.items():  # tied taps: (grad of θ̃,) + direct part
+                tap_grads[tap_id] = (tap_grads[tap_id][0] + extra,)
             return vjp(tap_grads)[0]
 
         cols_n = {t.id: cols_n[t.id] for t in taps}
-        return jax.vmap(one_column)(cols_n)  # list over slow leaves of [M, *leaf.shape]
+        # list over slow leaves of [M, *leaf.shape]
+        return jax.vmap(one_column)(cols_n, {} if direct_n is None else direct_n)
 
     acts = {t.id: p.acts[t.id] for t in taps}
     return one, acts
@@ -253,12 +256,26 @@ def sq_norms(p: Pass) -> list:
     return result
 
 
-def sum_sq(p: Pass, cols: dict, weights=None) -> list:
+def sum_sq(p: Pass, cols: dict, weights=None, direct=None, leaf_ids=None) -> list:
     """``Σ_n Σ_m w_{n,m} g_{n,m}²`` elementwise for every float leaf, for the vectors ``cols``.
 
     ``weights`` ``[N, M]`` (default all ones) carries the signs of Hessian residual columns.
+    ``direct`` (optional) maps the id of a tap with one parameter input ``θ̃`` to cotangents
+    ``[N, M, *θ̃.shape]`` added to that tap's per-vector gradient with respect to ``θ̃`` before it
+    is pulled back to the leaves and squared (the parameter half of a tied tap's residual
+    columns); the leaves of those taps form their per-vector gradients. ``leaf_ids`` (optional)
+    restricts the work to those float leaves (the others get zeros).
     """
+    direct = {} if direct is None else direct
     fast, slow = _split_leaves(p)
+    if direct:
+        tied = {k for tap_id in direct for k in p.model.taps[tap_id].leaves}
+        fast = {k: tap for k, tap in fast.items() if k not in tied}
+        slow = sorted(set(slow) | tied)
+    if leaf_ids is not None:
+        fast = {k: tap for k, tap in fast.items() if k in leaf_ids}
+        slow = [k for k in slow if k in leaf_ids]
+    direct = {t: d for t, d in direct.items() if p.model.taps[t].leaves & set(slow)}
     leaves = p.model.float_leaves(p.params)
     n = p.model.num_examples
     m = jax.tree.leaves(cols)[0].shape[1]
@@ -272,13 +289,13 @@ def sum_sq(p: Pass, cols: dict, weights=None) -> list:
         one, acts = _slow_grads_fn(p, slow)
 
         def squares(xs):
-            acts, cols, w = xs
-            grads = jax.vmap(one)(acts, cols)
+            acts, cols, w, extra = xs
+            grads = jax.vmap(one)(acts, cols, extra)
             return [jnp.tensordot(w, g**2, axes=([0, 1], [0, 1])) for g in grads]
 
         chunk = chunking.chunk_size(n, _slow_size(p, slow, m))
         slow_cols = {t: c for t, c in cols.items() if t in acts}
-        values = chunking.chunked_sum(squares, (acts, slow_cols, weights), chunk)
+        values = chunking.chunked_sum(squares, (acts, slow_cols, weights, direct), chunk)
         for k, value in zip(slow, values, strict=True):
             result[k] = value
     return result

@@ -129,9 +129,18 @@ def hessian_diag(
     second derivative between activations (``tanh``, ``logistic``, ``exp``, softplus, GELU, the
     products and reciprocal square roots of LayerNorm, …), the residual ``δ ⊙ ∇²σ`` split into
     positive and negative parts, whose square-root columns are backpropagated like those of
-    ``S_n`` and enter with their sign (BackPACK, appendix A.3). Models with an operation it cannot
-    treat (a product of two activations through ``dot_general`` as in attention, tied weights, a
-    parameter transformed non-linearly, ``scan``) raise a ``ValueError`` that names it.
+    ``S_n`` and enter with their sign (BackPACK, appendix A.3). A product of two activations
+    (``dot_general`` in attention: ``q kᵀ``, ``softmax · v``) adds the ``±``-weighted columns of
+    its cross-Hessian, ``2 min(|x|, |y|)`` per example. A tied parameter ``θ`` (an embedding
+    also used as the output projection, one kernel applied in several layers, ``W`` and ``Wᵀ``)
+    gets the cross terms between its uses: at each use ``z = B(x, θ)`` whose input ``x`` depends
+    on ``θ``, the same columns in the pair ``(x, θ)``, the ``θ`` half added to the per-column
+    gradient of ``θ`` before squaring. So the result is exact for MLPs, CNNs, residual blocks,
+    LayerNorm / RMSNorm, softmax attention (GPT blocks) and tied weights. Models with an operation
+    it cannot treat (a parameter transformed non-linearly before use, ``scan``, a primitive
+    without a known second derivative), or whose residual columns would hold more than ``2²⁸``
+    numbers (``N`` times the columns per example times what one column spans), raise a
+    ``ValueError`` that names the cause and points to ``method="hutchinson"``.
     ``method="hutchinson"`` returns ``(1/S) Σ_s v_s ⊙ ∇²L v_s`` with Rademacher ``v_s``, an
     unbiased estimate for any model (Bekas et al. 2007; AdaHessian, Sophia).
 

@@ -66,6 +66,9 @@ class Tap:
       where: the source line that produced the equation, for messages.
       hessian_issue: why the exact Hessian cannot treat this tap (``None`` if it can).
       frontier: the kernel taps (dense/conv) that feed its activation input most recently.
+      tied: a bilinear tap whose activation input depends on the parameters it consumes (tied
+        weights: ``h @ embᵀ`` after ``emb[tokens]``, one kernel applied in two layers); the exact
+        Hessian adds the cross term between its two operands (a :data:`TIED_NODE`).
     """
 
     id: int
@@ -78,6 +81,7 @@ class Tap:
     where: str
     hessian_issue: str | None = None
     frontier: frozenset = frozenset()
+    tied: bool = False
 
     @property
     def primitive(self) -> str:
@@ -94,7 +98,7 @@ class Tap:
         return self.info.rule is not None and len(self.act_positions) == 1
 
 
-ELEMENTWISE_NODE, BILINEAR_NODE = "elementwise", "bilinear"
+ELEMENTWISE_NODE, BILINEAR_NODE, TIED_NODE = "elementwise", "bilinear", "tied"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,7 +114,11 @@ class Node:
       kind: ``"elementwise"`` (the operation acts elementwise after broadcasting, so its Hessian
         is a ``k × k`` matrix per output element) or ``"bilinear"`` (linear in each of its two
         operands separately, e.g. ``dot_general``, whose Hessian couples every pair of operand
-        elements that meet in a product).
+        elements that meet in a product) or ``"tied"`` (a tied tap ``z = B(x, θ̃)``, see
+        :attr:`Tap.tied`: its Hessian couples the activation ``x`` with the parameter input
+        ``θ̃``, which is one of :attr:`static_positions`).
+      tap: for a tied node, the id of its tap, else ``None``.
+      param_position: for a tied node, the position of the tap's parameter input, else ``None``.
     """
 
     id: int
@@ -118,6 +126,8 @@ class Node:
     act_positions: tuple[int, ...]
     static_positions: tuple[int, ...]
     kind: str = ELEMENTWISE_NODE
+    tap: int | None = None
+    param_position: int | None = None
 
 
 @dataclasses.dataclass
@@ -192,7 +202,20 @@ def _analyse(jaxpr, consts, in_deps, found: _Found) -> tuple[_Plan, list]:
             return out_deps
         tap = _make_tap(len(found.taps), eqn, deps, found.where)
         found.taps.append(tap)
-        steps.append(("tap", tap))
+        if tap.tied and found.residuals:
+            node = Node(
+                len(found.nodes),
+                eqn,
+                tap.act_positions,
+                tap.static_positions,
+                TIED_NODE,
+                tap.id,
+                tap.param_positions[0],
+            )
+            found.nodes.append(node)
+            steps.append(("tied", (tap, node)))
+        else:
+            steps.append(("tap", tap))
         frontier = frozenset({tap.id}) if tap.is_kernel else tap.frontier
         return [_Dep(ACTIVATION, leaves, frontier=frontier)] * len(eqn.outvars)
 
@@ -274,20 +297,28 @@ def _make_tap(index: int, eqn, deps: list[_Dep], fallback: str = "") -> Tap:
     params = tuple(i for i, d in enumerate(deps) if d.kind == STATIC_PARAM)
     leaves = frozenset().union(*(deps[i].leaves for i in params))
     chain = deps[params[0]].chain_leaf if len(params) == 1 else None
-    act_leaves = frozenset().union(*(deps[i].leaves for i in acts))
+    float_acts = tuple(i for i in acts if _is_float(eqn.invars[i].aval.dtype))
+    act_leaves = frozenset().union(*(deps[i].leaves for i in float_acts))
     frontier = frozenset().union(*(deps[i].frontier for i in acts))
     where = primitives.describe(eqn, fallback)
-    issue = None
-    if not primitives.lookup(eqn).linear_tap:
+    info = primitives.lookup(eqn)
+    issue, tied = None, False
+    if not info.linear_tap:
         issue = f"{where} is not linear in its parameter and activation inputs"
     elif not all(deps[i].linear for i in params):
         issue = f"{where} consumes a parameter transformed non-linearly before use"
-    elif leaves & act_leaves:
-        issue = (
-            f"{where} consumes a parameter that also shapes its own input (e.g. tied weights); "
-            "the exact diagonal would need the cross term"
-        )
-    return Tap(index, eqn, acts, statics, params, leaves, chain, where, issue, frontier)
+    elif leaves & act_leaves and info.hessian == primitives.BILINEAR:
+        # tied weights: the cross term between the operands is a residual node (see Node)
+        tied = len(float_acts) == len(acts) == 1 and len(params) == 1 and len(eqn.outvars) == 1
+        if not tied:
+            issue = (
+                f"{where} consumes a parameter that also shapes its own input, with "
+                f"{len(acts)} activation and {len(params)} parameter operands (the exact "
+                "diagonal treats one of each)"
+            )
+    elif leaves & act_leaves and info.hessian not in (primitives.LINEAR, primitives.PIECEWISE):
+        issue = f"{where} consumes a parameter that also shapes its own input"
+    return Tap(index, eqn, acts, statics, params, leaves, chain, where, issue, frontier, tied)
 
 
 @dataclasses.dataclass
@@ -308,6 +339,8 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
 
     def step(index, eqn, invals):
         kind, payload = plan.steps[index]
+        if kind == "tied":
+            return _evaluate_tied(eqn, invals, *payload, rec)
         if kind in ("act", "node") and rec.static_only:
             if kind == "node":
                 rec.statics[("node", payload.id)] = tuple(
@@ -340,6 +373,24 @@ def _evaluate(plan: _Plan, args, rec: _Recorder):
         return primitives.bind(eqn, invals)
 
     return primitives.walk(plan.jaxpr, plan.consts, args, step)
+
+
+def _evaluate_tied(eqn, invals, tap: Tap, node: Node, rec: _Recorder):
+    """A tied tap: a tap whose activation inputs are also the probes of its node."""
+    statics = tuple(invals[i] for i in tap.static_positions)
+    if rec.static_only:
+        rec.statics[("tap", tap.id)] = rec.statics[("node", node.id)] = statics
+        return [None] * len(eqn.outvars)
+    inputs = tuple(invals[i] for i in tap.act_positions)
+    rec.acts[tap.id] = rec.probes[node.id] = inputs
+    outs = primitives.bind(eqn, invals)
+    for key in (("tap", tap.id), ("node", node.id)):
+        eps = rec.eps.get(key)
+        if eps is not None:
+            outs = [o if e is None else o + e for o, e in zip(outs, eps, strict=True)]
+    if tap.id in rec.output_taps:
+        rec.outputs[tap.id] = tuple(outs)
+    return outs
 
 
 def _leaf_name(path) -> str:
