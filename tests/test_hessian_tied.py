@@ -75,6 +75,42 @@ def test_tied_kernels_with_cross_entropy(fn):
     assert_tree_close(got, want, params, what=fn.__name__)
 
 
+def shared_scale(p, x):
+    """One scale vector in two elementwise products: ``(tanh(x ⊙ s) ⊙ s) V``."""
+    return (jnp.tanh(x * p["s"][None]) * p["s"][None]) @ p["v"]
+
+
+def _conv(x, k):
+    return jax.lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def conv_twice(p, x):
+    """One convolution kernel applied in two layers, then a mean over the pixels."""
+    return jnp.mean(_conv(jnp.tanh(_conv(x, p["k"])), p["k"]), axis=(1, 2))
+
+
+@pytest.mark.parametrize("fn", [shared_scale, conv_twice], ids=["scale", "conv"])
+def test_other_bilinear_tied_uses(fn):
+    """Tied uses through ``mul`` (a broadcast scale) and ``conv_general_dilated``."""
+    rng = np.random.default_rng(8)
+    if fn is shared_scale:
+        params = {"s": _normal(rng, (D,)), "v": _normal(rng, (D, 2))}
+        x = _normal(rng, (N, D))
+    else:
+        params = {"k": _normal(rng, (3, 3, 2, 2), 0.5)}
+        x = _normal(rng, (N, 4, 4, 2))
+    labels = jnp.asarray(np.arange(N) % 2, jnp.int32)
+
+    def total(p):
+        return jnp.mean(_cross_entropy(fn(p, x), labels))
+
+    want = _dense_diag(total, params)
+    got = _hessian_diag(fn, params, (x, labels))
+    assert_tree_close(got, want, params, what=fn.__name__)
+
+
 def test_tied_kernel_with_mse_and_sum():
     """``L = Σ_n ||f(x_n) - y_n||²`` (the output Hessian ``2I``) for ``tanh(x W + b) Wᵀ``."""
     params, x = _mlp_case(transposed, 1)
@@ -102,7 +138,8 @@ def test_the_cross_term_between_uses_matters():
     w, b = params["w"], params["b"]
 
     def use_block_diag(i):  # diag(∂²L/∂W_i²) with the other use held at W
-        hess = jax.hessian(lambda v: untied(*[v if j == i else w for j in (0, 1)], b))(w)
+        use_i = lambda v: untied(*[v if j == i else w for j in (0, 1)], b)  # noqa: E731
+        hess = jax.jit(jax.hessian(use_i), compiler_options=FAST)(w)
         return jnp.diagonal(hess.reshape(w.size, w.size)).reshape(w.shape)
 
     blocks = use_block_diag(0) + use_block_diag(1)
