@@ -322,6 +322,18 @@ def token_mean_loss(apply_fn: Callable, params: Any, batch: tuple) -> jax.Array:
     return jnp.sum(losses * mask) / jnp.sum(mask)
 
 
+def batch_indices(num_examples: int, steps: int, batch_size: int, *, seed: int = 0) -> np.ndarray:
+    """The mini-batches of :func:`train`: ``[steps, min(batch_size, num_examples)]`` int indices.
+
+    Row ``k`` holds distinct indices drawn by ``numpy.random.default_rng(seed)``; use it to feed
+    another optimizer the same sequences in the same order.
+    """
+    rng = np.random.default_rng(seed)
+    size = min(batch_size, num_examples)
+    rows = [rng.choice(num_examples, size=size, replace=False) for _ in range(steps)]
+    return np.stack(rows) if rows else np.zeros((0, size), np.int64)
+
+
 def train(
     apply_fn: Callable,
     params: Any,
@@ -335,8 +347,8 @@ def train(
 ) -> tuple[Any, np.ndarray]:
     """Trains ``params`` with optax AdamW on random mini-batches of ``data``.
 
-    All ``steps`` run in one compiled ``jax.lax.scan``; the mini-batch indices are drawn up front
-    from ``numpy.random.default_rng(seed)`` (without replacement within a step).
+    All ``steps`` run in one compiled ``jax.lax.scan``; the mini-batches are
+    :func:`batch_indices` (drawn up front, without replacement within a step).
 
     Args:
       apply_fn: ``apply_fn(params, tokens) -> logits [N, T, V]``.
@@ -352,9 +364,7 @@ def train(
       mini-batch before its update, a float array ``[steps]``.
     """
     tokens, targets = jnp.asarray(data[0]), jnp.asarray(data[1])
-    rng = np.random.default_rng(seed)
-    size = min(batch_size, tokens.shape[0])
-    index = np.stack([rng.choice(tokens.shape[0], size=size, replace=False) for _ in range(steps)])
+    index = batch_indices(tokens.shape[0], steps, batch_size, seed=seed)
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
 
     @jax.jit
@@ -371,5 +381,5 @@ def train(
 
     if steps == 0:
         return params, np.zeros(0, np.float32)
-    params, losses = run(params, jnp.asarray(index.reshape(steps, size)))
+    params, losses = run(params, jnp.asarray(index))
     return params, np.asarray(losses)
