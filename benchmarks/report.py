@@ -263,6 +263,7 @@ def machine_text(document: dict[str, Any]) -> str:
             ("BackPACK", "backpack-for-pytorch"),
             ("PyHessian", "pyhessian"),
             ("kfac-jax", "kfac-jax"),
+            ("curvlinops", "curvlinops-for-pytorch"),
         )
         if env.get(key)
     )
