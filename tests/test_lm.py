@@ -387,3 +387,20 @@ def test_demo_lm_command_prints_losses_and_table(monkeypatch, capsys):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert float(cells[2]) > 0.0, row  # a ratio, not an error message
     assert "raised" not in out
+
+
+def test_quantity_table_shows_a_failing_row_with_its_error():
+    from curvjax._src import demo
+
+    def fails(apply_fn, params, batch, **options):
+        raise ValueError("cannot treat this model\nsecond line")
+
+    rows = [demo.QUANTITIES[0], demo.Quantity("failing", "grad", fails, str)]
+    batch = (jnp.ones((4, 3)), jnp.zeros(4, jnp.int32))
+    args = (lambda p, x: x @ p, jnp.ones((3, 2)), batch, rows)
+    table, _ = demo.quantity_table(*args, catch_errors=True, repeats=1, number=1)
+    lines = table.splitlines()
+    assert any(line.startswith("| failing ") and "raised ValueError [1]" in line for line in lines)
+    assert lines[-1] == "[1] failing: ValueError: cannot treat this model"
+    with pytest.raises(ValueError, match="cannot treat"):
+        demo.quantity_table(*args, repeats=1, number=1)

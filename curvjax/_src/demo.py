@@ -169,7 +169,7 @@ def _norm_stats(squared_norms: jax.Array) -> str:
 
 def summarize_grad(grad: Any) -> str:
     """Global norm of the gradient."""
-    return f"norm(grad) = {optax.global_norm(grad):.4e}"
+    return f"norm(grad) = {optax.tree.norm(grad):.4e}"
 
 
 def summarize_per_example_grads(per_example: Any) -> str:
@@ -271,7 +271,7 @@ def save_density_plot(
 
 def summarize_hvp(product: Any) -> str:
     """``θᵀ ∇²L θ`` is not available from the product alone; print its norm."""
-    return f"norm(H theta) = {optax.global_norm(product):.4e}"
+    return f"norm(H theta) = {optax.tree.norm(product):.4e}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,8 +460,9 @@ def quantity_table(
       options: keywords passed to every row's ``compute`` (e.g. ``{"reduction": "token_mean"}``).
       baseline_loss: ``baseline_loss(apply_fn, params, batch)``, the loss whose ``jax.grad`` is
         the time unit; it must be the loss the rows compute curvature of.
-      catch_errors: if true, a row whose computation raises shows the error's type and first
-        line instead of a value (its time columns read ``-``); if false the error propagates.
+      catch_errors: if true, a row whose computation raises shows the error's type and a
+        footnote number instead of a value (its time columns read ``-``), and the table ends with
+        the footnotes (each error's first line); if false the error propagates.
       repeats, number, max_seconds: see :func:`time_jitted` (per row).
 
     Returns:
@@ -475,6 +476,7 @@ def quantity_table(
     _, base_seconds = time_jitted(baseline, params, batch, **timing)
 
     rows = [["jax.grad (baseline)", f"{1e3 * base_seconds:.3f}", "1.00", "reference"]]
+    notes = []
     for quantity in present:
         fn = jax.jit(lambda p, b, q=quantity: q.compute(apply_fn, p, b, **options))
         try:
@@ -483,7 +485,8 @@ def quantity_table(
             if not catch_errors:
                 raise
             message = (str(error).strip().splitlines() or [""])[0]
-            rows.append([quantity.name, "-", "-", f"raised {type(error).__name__}: {message}"])
+            notes.append(f"[{len(notes) + 1}] {quantity.name}: {type(error).__name__}: {message}")
+            rows.append([quantity.name, "-", "-", f"raised {type(error).__name__} [{len(notes)}]"])
             continue
         rows.append(
             [
@@ -494,7 +497,7 @@ def quantity_table(
             ]
         )
     header = ["quantity", "time [ms]", "ratio to grad", "summary"]
-    return format_table(header, rows), skipped
+    return "\n".join([format_table(header, rows), *notes]), skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,7 +627,7 @@ LM_EXACT_QUANTITIES: list[Quantity] = [
     _row("hessian_diag"),
 ]
 """The rows ``demo lm --exact`` adds: exact GGN quantities backpropagate ``T · V`` output columns
-per sequence, and the exact Hessian diagonal refuses a tied embedding (it says so in the table)."""
+per sequence, the exact Hessian diagonal those and its residual columns besides."""
 
 
 def padded_batch(
