@@ -99,6 +99,9 @@ def test_value_grad_and_hessian_factor(name, seed):
         np.testing.assert_allclose(s @ s.T, hess, atol=1e-12)
     u, signs = loss.signed_hessian_factor(f, y)
     np.testing.assert_allclose(u @ (signs[:, None] * u.T), hess, atol=1e-12)
+    # the GGN's product S Sᵀ v without S (a closed form for the built-in losses)
+    v = jnp.cos(jnp.arange(f.shape[0], dtype=f.dtype))
+    np.testing.assert_allclose(loss.factor_times(f, y, v), (s @ s.T) @ v, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -93,6 +93,8 @@ class Loss:
       exact_hessian_factor: optional ``(f, y) -> ([C, K'], [K'])``, a factor ``U`` and signs
         ``d ∈ {−1, 0, 1}`` with ``U diag(d) Uᵀ = ∇²_f ℓ(f, y)`` exactly, for losses whose
         ``hessian_factor`` is a surrogate; see :meth:`signed_hessian_factor`.
+      factor_product: optional ``(f, y, u [C]) -> S Sᵀ u`` without forming ``S`` (``O(C)``
+        instead of ``O(C²)`` for the softmax); see :meth:`factor_times`.
 
     Example:
       >>> import jax, jax.numpy as jnp, curvjax
@@ -117,6 +119,7 @@ class Loss:
     sample_output_grads: Callable[[Array, Array, int], Array] | None = None
     check_targets: Callable[[Any, Any], None] | None = None
     exact_hessian_factor: Callable[[Array, Any], tuple[Array, Array]] | None = None
+    factor_product: Callable[[Array, Any, Array], Array] | None = None
 
     def __post_init__(self):
         if not callable(self.value):
@@ -136,6 +139,16 @@ class Loss:
     def output_grad(self, f: Float[Array, " C"], y: Any) -> Float[Array, " C"]:
         """``∇_f ℓ(f, y)`` for one output vector, by automatic differentiation of ``value``."""
         return jax.grad(self.value)(f, y)
+
+    def factor_times(
+        self, f: Float[Array, " C"], y: Any, u: Float[Array, " C"]
+    ) -> Float[Array, " C"]:
+        """``S Sᵀ u`` (the GGN's loss-Hessian product), by ``factor_product`` when the loss has
+        one, else through ``hessian_factor``."""
+        if self.factor_product is not None:
+            return self.factor_product(f, y, u)
+        s = self.hessian_factor(f, y)
+        return s @ (s.T @ u)
 
     def signed_hessian_factor(
         self, f: Float[Array, " C"], y: Any
@@ -270,6 +283,12 @@ def _softmax_factor(f: Array, y: Any) -> Array:
     return jnp.diag(sqrt_p) - jnp.outer(p, sqrt_p)
 
 
+def _softmax_product(f: Array, y: Any, u: Array) -> Array:
+    del y
+    p = jax.nn.softmax(f)
+    return p * u - p * jnp.sum(p * u)  # (diag(p) - p pᵀ) u
+
+
 def _categorical_samples(key: Array, f: Array, mc_samples: int) -> Array:
     p = jax.nn.softmax(f)
     labels = jax.random.categorical(key, f, shape=(mc_samples,))
@@ -390,6 +409,7 @@ def cross_entropy_with_label_smoothing(alpha: float) -> Loss:
         name=name,
         value=functools.partial(_smoothed_cross_entropy_value, alpha),
         hessian_factor=_softmax_factor,
+        factor_product=_softmax_product,
         sample_output_grads=_categorical_samples,
         check_targets=functools.partial(_check_labels, name),
     )
@@ -407,6 +427,11 @@ def _sigmoid_bce_factor(f: Array, y: Array) -> Array:
     del y
     # √(σ(f) σ(-f)) in log space: no cancellation in 1 - σ(f) for large f
     return jnp.diag(jnp.exp(0.5 * (jax.nn.log_sigmoid(f) + jax.nn.log_sigmoid(-f))))
+
+
+def _sigmoid_bce_product(f: Array, y: Array, u: Array) -> Array:
+    del y
+    return jnp.exp(jax.nn.log_sigmoid(f) + jax.nn.log_sigmoid(-f)) * u
 
 
 def _sigmoid_bce_samples(key: Array, f: Array, mc_samples: int) -> Array:
@@ -540,6 +565,11 @@ def _mse_factor(f: Array, y: Array) -> Array:
     return jnp.sqrt(2.0) * jnp.eye(f.shape[0], dtype=f.dtype)
 
 
+def _mse_product(f: Array, y: Array, u: Array) -> Array:
+    del f, y
+    return 2.0 * u
+
+
 def _mse_samples(key: Array, f: Array, mc_samples: int) -> Array:
     # p(y | f) ∝ exp(-||f - y||²) is N(f, I/2); ∇_f ℓ(f, ŷ) = 2 (f - ŷ) = -√2 ε with ε ~ N(0, I).
     noise = jax.random.normal(key, (f.shape[0], mc_samples), dtype=f.dtype)
@@ -566,6 +596,7 @@ cross_entropy: Loss = _CrossEntropy(
     name="cross_entropy",
     value=_cross_entropy_value,
     hessian_factor=_softmax_factor,
+    factor_product=_softmax_product,
     sample_output_grads=_categorical_samples,
     check_targets=functools.partial(_check_labels, "cross_entropy"),
 )
@@ -574,6 +605,7 @@ soft_cross_entropy: Loss = _SoftCrossEntropy(
     name="soft_cross_entropy",
     value=_soft_cross_entropy_value,
     hessian_factor=_softmax_factor,
+    factor_product=_softmax_product,
     sample_output_grads=_categorical_samples,
     check_targets=functools.partial(_check_probabilities, "soft_cross_entropy"),
 )
@@ -582,6 +614,7 @@ sigmoid_binary_cross_entropy: Loss = _SigmoidBinaryCrossEntropy(
     name="sigmoid_binary_cross_entropy",
     value=_sigmoid_bce_value,
     hessian_factor=_sigmoid_bce_factor,
+    factor_product=_sigmoid_bce_product,
     sample_output_grads=_sigmoid_bce_samples,
     check_targets=functools.partial(_check_unit_interval, "sigmoid_binary_cross_entropy"),
 )
@@ -599,6 +632,7 @@ mse: Loss = _MSE(
     name="mse",
     value=_mse_value,
     hessian_factor=_mse_factor,
+    factor_product=_mse_product,
     sample_output_grads=_mse_samples,
     check_targets=functools.partial(_check_same_shape, "mse"),
 )

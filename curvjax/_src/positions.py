@@ -121,8 +121,7 @@ class Objective(NamedTuple):
         u = u.reshape(f.shape)
 
         def one(fp, yp, wp, up):
-            s = self.loss.hessian_factor(fp, yp)
-            return wp * (s @ (s.T @ up))
+            return wp * self.loss.factor_times(fp, yp, up)
 
         return jax.vmap(one)(f, y, w, u).reshape(shape)
 
@@ -261,8 +260,9 @@ def objective(loss, reduction: str, outputs_struct, targets, weights=None) -> Ob
     for leaf in leaves:
         if tuple(jnp.shape(leaf)[: 1 + len(positions)]) != (n, *positions):
             raise ValueError(
-                f"the targets' leading axes must be [N, *P] = {(n, *positions)} for outputs "
-                f"of shape [N, *P, C] = {shape}, got targets of shape {jnp.shape(leaf)}."
+                f"the targets' leading axes must be [N, *P] = {(n, *positions)} (the batch size "
+                f"N of the inputs and the positions P of the outputs [N, *P, C] = {shape}), got "
+                f"targets of shape {jnp.shape(leaf)}."
             )
     w = _broadcast_weights(weights, n, positions, outputs_struct.dtype)
     scale = reduction_scale(reduction, w)
