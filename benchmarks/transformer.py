@@ -252,7 +252,7 @@ def torch_twin(config: lm.Config, params):
             qkv = self.qkv(self.norm_attention(x)).reshape(n, length, 3, heads, width // heads)
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [N, H, T, D]
             scores = q @ k.transpose(-1, -2) / np.sqrt(width // heads)
-            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
             attended = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, width)
             x = x + self.attention_out(attended)
@@ -297,8 +297,9 @@ def peer_calls(twin, batch, threads: int):
     from curvlinops.kfac import KFACType
 
     torch.set_num_threads(threads)
-    x = torch.from_numpy(np.asarray(batch[0], np.int64))
-    y = torch.from_numpy(np.asarray(batch[1], np.int64))
+    device = next(twin.parameters()).device
+    x = torch.from_numpy(np.asarray(batch[0], np.int64)).to(device)
+    y = torch.from_numpy(np.asarray(batch[1], np.int64)).to(device)
     data = [(x, y)]
     loss_fn = torch.nn.CrossEntropyLoss()
     params = [p for p in twin.parameters() if p.requires_grad]
@@ -325,12 +326,15 @@ def peer_calls(twin, batch, threads: int):
         twin.zero_grad(set_to_none=True)
         loss_fn(twin(x), y).backward()
 
+    def synced(call):  # a CUDA call returns before the GPU is done
+        return lambda: (call(), harness.torch_sync())[0]
+
     calls = {
-        "grad": backward,
-        "kfac (expand)": operators["expand"].compute_kronecker_factors,
-        "kfac (reduce)": operators["reduce"].compute_kronecker_factors,
-        "ggn_vp": lambda: ggn @ vector,
-        "hvp": lambda: hessian @ vector,
+        "grad": synced(backward),
+        "kfac (expand)": synced(operators["expand"].compute_kronecker_factors),
+        "kfac (reduce)": synced(operators["reduce"].compute_kronecker_factors),
+        "ggn_vp": synced(lambda: ggn @ vector),
+        "hvp": synced(lambda: hessian @ vector),
     }
     return calls, (x, y, loss_fn, linear, terms)
 
@@ -339,16 +343,17 @@ def check_twin(twin, batch, jax_loss, jax_grad, checks: dict) -> None:
     """The twin's loss and gradient (embedding, first kernel) against JAX's."""
     import torch
 
-    x = torch.from_numpy(np.asarray(batch[0], np.int64))
-    y = torch.from_numpy(np.asarray(batch[1], np.int64))
+    device = next(twin.parameters()).device
+    x = torch.from_numpy(np.asarray(batch[0], np.int64)).to(device)
+    y = torch.from_numpy(np.asarray(batch[1], np.int64)).to(device)
     twin.zero_grad(set_to_none=True)
     loss = torch.nn.CrossEntropyLoss()(twin(x), y)
     loss.backward()
     value = float(loss.detach())
     checks["torch loss"] = abs(value - float(jax_loss)) / abs(float(jax_loss))
     pairs = [
-        (twin.embed.weight.grad.numpy(), jax_grad["embed"]["embedding"]),
-        (twin.blocks[0].qkv.weight.grad.numpy().T, jax_grad["block_0"]["qkv"]["kernel"]),
+        (twin.embed.weight.grad.cpu().numpy(), jax_grad["embed"]["embedding"]),
+        (twin.blocks[0].qkv.weight.grad.cpu().numpy().T, jax_grad["block_0"]["qkv"]["kernel"]),
     ]
     checks["torch grad"] = max(harness.relative_error(a, b) for a, b in pairs)
 
@@ -392,8 +397,8 @@ def compare_factors(config, apply_fn, params, batch, twin, peer, checks: dict) -
             for part in path:
                 block = block[part]
             a, b = np.asarray(block.a[0], np.float64), np.asarray(block.b[0], np.float64)
-            a_peer = op._input_covariances[module].double().numpy()
-            b_peer = op._gradient_covariances[module].double().numpy()
+            a_peer = op._input_covariances[module].double().cpu().numpy()
+            b_peer = op._gradient_covariances[module].double().cpu().numpy()
             scale = np.trace(a_peer) / np.trace(a)  # only A ⊗ B is defined
             scales.append(float(scale))
             errors.append(harness.relative_error(a * scale, a_peer))
@@ -443,7 +448,7 @@ def run(args) -> dict:
     peer_timing = None
     factors = None
     if not args.no_torch and _peers_importable():
-        twin = torch_twin(config, params)
+        twin = torch_twin(config, params).to(harness.torch_device())
         loss_value = lm.token_mean_loss(apply_fn, params, batch)
         check_twin(twin, batch, loss_value, outputs["grad"], checks)
         torch_calls, peer = peer_calls(twin, batch, args.threads or harness.usable_cores())
