@@ -103,7 +103,8 @@ class ModelReport:
 
 def _block_kinds(apply_fn, params, inputs, model) -> list[str]:
     """The block kind of every float leaf in ``kflr`` (traced with placeholder labels, not run);
-    for a model that ``kflr`` refuses (it mixes examples), the layout of its single taps."""
+    for a model that ``kflr`` refuses or cannot trace (it mixes examples, or a primitive has no
+    batching rule), the layout of its single taps."""
     batch = positions.placeholder_batch(apply_fn, params, inputs)
     try:
         blocks = jax.eval_shape(
@@ -112,7 +113,7 @@ def _block_kinds(apply_fn, params, inputs, model) -> list[str]:
             ),
             params,
         )
-    except ValueError:
+    except (ValueError, NotImplementedError):  # refused (mixing), or a primitive without vmap
         ndims = [jnp.ndim(leaf) for leaf in model.float_leaves(params)]
         fast, full, _ = leafwise.block_layout(model, ndims)
         return [
