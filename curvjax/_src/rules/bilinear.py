@@ -52,26 +52,6 @@ def per_example_grads(form: Form) -> jax.Array:
     return form.to_param(g)
 
 
-def sq_norms(form: Form) -> jax.Array:
-    """``||g_n||²`` for the first backpropagated vector: ``[N]``."""
-    a, b = form.a, form.b[:, 0]
-    n, g, t, i = a.shape
-    o = b.shape[-1]
-    if t == 1:
-        return jnp.sum(jnp.sum(a[:, :, 0] ** 2, -1) * jnp.sum(b[:, :, 0] ** 2, -1), axis=1)
-    gram_cost, direct_cost = t * t * (i + o), t * i * o + i * o
-    if gram_cost <= direct_cost:
-        gram_a = jnp.einsum("ngti,ngsi->ngts", a, a)
-        gram_b = jnp.einsum("ngto,ngso->ngts", b, b)
-        return jnp.sum(gram_a * gram_b, axis=(1, 2, 3))
-
-    def direct(ab):
-        grads = jnp.einsum("ngti,ngto->ngio", *ab)
-        return jnp.sum(grads**2, axis=(1, 2, 3))
-
-    return chunking.chunked_map(direct, (a, b), chunking.chunk_size(n, g * i * o))
-
-
 def sum_sq(form: Form, weights: jax.Array | None = None) -> jax.Array:
     """``Σ_n Σ_m w_{n,m} g_{n,m}²`` elementwise (``w = 1`` by default): ``param.shape``."""
     a, b = form.a, form.b
