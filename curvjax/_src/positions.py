@@ -91,18 +91,22 @@ class Objective(NamedTuple):
         f, y, w = self._flat(f, y, w)
         return jnp.sum(w * jax.vmap(self.loss.value)(f, y))
 
+    def _example_factors(self, f, y, w, signed=False):
+        """``[|P|, C, K]``: ``√w_p S_p`` per position, on flattened positions (and the signs
+        ``[|P|, K]`` of the exact output Hessian's factor when ``signed``)."""
+        f, y, w = self._flat(f, y, w)
+        if signed:
+            s, signs = jax.vmap(self.loss.signed_hessian_factor)(f, y)
+        else:
+            s, signs = jax.vmap(self.loss.hessian_factor)(f, y), None
+        return (jnp.sqrt(w)[:, None, None] * s).astype(f.dtype), signs
+
     def _example_columns(self, f, y, w, signed=False):
         """``[|P| K, *P, C]``: ``√w_p S_p e_k`` at position ``p`` (and the signs ``[|P| K]`` of
         the exact output Hessian's factor when ``signed``)."""
-        shape = f.shape
-        f, y, w = self._flat(f, y, w)
-        if signed:
-            s, signs = jax.vmap(self.loss.signed_hessian_factor)(f, y)  # [Q, C, K], [Q, K]
-        else:
-            s = jax.vmap(self.loss.hessian_factor)(f, y)  # [Q, C, K]
-        s = (jnp.sqrt(w)[:, None, None] * s).astype(f.dtype)
+        s, signs = self._example_factors(f, y, w, signed)
         q, c, k = s.shape
-        cols = jnp.einsum("pck,pr->pkrc", s, jnp.eye(q, dtype=s.dtype)).reshape(q * k, *shape)
+        cols = jnp.einsum("pck,pr->pkrc", s, jnp.eye(q, dtype=s.dtype)).reshape(q * k, *f.shape)
         return (cols, signs.reshape(q * k).astype(f.dtype)) if signed else cols
 
     def _example_mc(self, key, f, w, mc_samples):
@@ -152,9 +156,7 @@ class Objective(NamedTuple):
         n, q, c = outputs.shape[0], math.prod(self.positions), outputs.shape[-1]
 
         def factors(f, y, w):  # [Q K, C]: √w_p S_p e_k, indexed p K + k
-            f, y, w = self._flat(f, y, w)
-            s = jax.vmap(self.loss.hessian_factor)(f, y)  # [Q, C, K]
-            return jnp.swapaxes(jnp.sqrt(w)[:, None, None] * s, 1, 2).reshape(-1, c)
+            return jnp.swapaxes(self._example_factors(f, y, w)[0], 1, 2).reshape(-1, c)
 
         flat = jax.vmap(factors)(outputs, self.targets, self.weights)  # [N, Q K, C]
         flat = (jnp.sqrt(self.scale) * flat).astype(outputs.dtype)
