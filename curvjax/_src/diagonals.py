@@ -11,17 +11,6 @@ import numpy as np
 from curvjax._src import backprop, leafwise, primitives, products
 from curvjax._src import taps as taps_lib
 
-
-def ggn_columns(p: backprop.Pass) -> jax.Array:
-    """``√κ S_n`` as output cotangents ``[N, K, *P, C]`` (``S_n S_nᵀ = ∇²_f ℓ_n``)."""
-    return p.objective.factor_columns(p.outputs)
-
-
-def mc_columns(p: backprop.Pass, key, mc_samples: int) -> jax.Array:
-    """``√κ S̃_n`` with ``M`` sampled columns ``[N, M, *P, C]`` (``E[S̃ S̃ᵀ] = ∇²_f ℓ_n``)."""
-    return p.objective.mc_columns(key, p.outputs, mc_samples)
-
-
 # --- exact Hessian diagonal -----------------------------------------------------------------
 
 

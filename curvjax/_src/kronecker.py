@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvjax._src import backprop, diagonals, leafwise, rules
+from curvjax._src import backprop, leafwise, rules
 from curvjax._src.blocks import DenseBlock, DiagonalBlock, KroneckerBlock
 from curvjax._src.rules import dense
 from curvjax._src.rules import scan as scan_rule
@@ -322,7 +322,9 @@ def kfra_of(p: backprop.Pass, parts: dict | None = None) -> list:
     """
     kernels = chain_of(p.model)
     if parts is None:
-        parts = p.reduce_columns(lambda c, w: additive_parts(p, c), diagonals.ggn_columns(p))
+        parts = p.reduce_columns(
+            lambda c, w: additive_parts(p, c), p.objective.exact_columns(p.outputs)
+        )
     n = p.model.num_examples
     fast = leafwise.fast_taps_of(p.model)
     leaf_of = {tap.id: k for k, tap in fast.items()}

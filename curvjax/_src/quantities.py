@@ -70,7 +70,7 @@ REDUCTIONS: dict[str, Callable] = {
 #: The vector sets: ``(pass, key, options) -> columns [N, M, *P, C]`` (or ``positions.Columns``).
 VECTOR_SETS: dict[str, Callable] = {
     "exact": lambda p, key, options: p.objective.exact_columns(p.outputs),
-    "mc": lambda p, key, options: diagonals.mc_columns(p, key, options["mc_samples"]),
+    "mc": lambda p, key, options: p.objective.mc_columns(key, p.outputs, options["mc_samples"]),
 }
 _SET_OPTIONS = {"exact": (), "mc": ("mc_samples",)}
 
