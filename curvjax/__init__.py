@@ -9,6 +9,11 @@ from curvjax._src.blocks import (
     blocks_to_dense,
 )
 from curvjax._src.chain import ChainFactors, chain_factors
+from curvjax._src.diagnostics import (
+    GradientNoiseScale,
+    gradient_noise_scale,
+    gradient_noise_scale_from_sums,
+)
 from curvjax._src.extract import extract
 from curvjax._src.first_order import (
     batch_l2,
@@ -30,6 +35,7 @@ __all__ = [
     "ChainFactors",
     "DenseBlock",
     "DiagonalBlock",
+    "GradientNoiseScale",
     "KroneckerBlock",
     "LeafReport",
     "ModelReport",
@@ -44,6 +50,8 @@ __all__ = [
     "ggn_diag_mc",
     "ggn_matrix",
     "ggn_vp",
+    "gradient_noise_scale",
+    "gradient_noise_scale_from_sums",
     "grad",
     "hessian_diag",
     "hessian_matrix",
