@@ -9,6 +9,9 @@
   the transform and its chain with weight decay, momentum and learning rate, with
   :func:`noisy_kfac_sample`, :func:`noisy_kfac_predict` and the :func:`warmup_polynomial_decay`
   schedule.
+* :func:`dp_aggregate` and :func:`dpsgd` -- DP-SGD (Abadi et al. 2016): Gaussian noise on the
+  clipped sum of per-example gradients (:func:`curvjax.clipped_grad`), divided by the expected
+  batch size, in front of any optax optimizer; privacy accounting in :mod:`curvjax.privacy`.
 
 Every transform is an ``optax.GradientTransformationExtraArgs`` with a NamedTuple state; curvature
 computed by :func:`curvjax.extract` in the same pass as the gradient comes in as the extra argument
@@ -25,14 +28,18 @@ from curvjax._src.optim.noisy_kfac import (
     scale_by_noisy_kfac,
 )
 from curvjax._src.optim.precondition import precondition_by_curvature
+from curvjax._src.optim.private import DpAggregateState, dp_aggregate, dpsgd
 from curvjax._src.optim.schedules import proportional_momentum, warmup_polynomial_decay
 
 __all__ = [
     "ChainFactors",
+    "DpAggregateState",
     "KfacState",
     "NoisyKfacState",
     "ScaleByKfacState",
     "chain_factors",
+    "dp_aggregate",
+    "dpsgd",
     "kfac",
     "noisy_kfac",
     "noisy_kfac_predict",
