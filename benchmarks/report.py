@@ -6,16 +6,16 @@ Usage::
     python benchmarks/report.py --check         # exit 1 if RESULTS.md is not up to date
     python benchmarks/report.py --results DIR --output FILE
 
-For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``, ``transformer``) it
-writes one
+For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``, ``transformer``,
+``private``) it writes one
 current table per machine (``results/<experiment>-<machine>.json``: the newest run on that
 machine, CPU or GPU) with the machine described. Older runs are only in the changelog at the end:
 the files ``results/history/*.json`` (where ``harness.write_results`` moves a result it replaces),
 newest first, then ``results/CHANGELOG.md`` verbatim (tables written by hand before the results
 were kept as JSON).
 
-The experiment scripts use :func:`overhead_table`, :func:`curvature_table` and
-:func:`transformer_table` to print their tables. This module imports no other benchmark script and needs neither jax nor torch.
+The experiment scripts use :func:`overhead_table`, :func:`curvature_table`,
+:func:`transformer_table` and :func:`private_table` to print their tables. This module imports no other benchmark script and needs neither jax nor torch.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ EXPERIMENTS = (
     ("spectrum", "Hessian spectra against PyHessian (`spectrum.py`)"),
     ("optimizers", "Second-order optimizers against kfac-jax and Adam (`optimizers.py`)"),
     ("transformer", "A GPT-style language model against curvlinops (`transformer.py`)"),
+    ("private", "Per-example clipping for DP-SGD against jax-privacy and Opacus (`private.py`)"),
 )
 
 MIB = 2.0**20
@@ -48,6 +49,10 @@ def _ratio(numerator, denominator) -> float | None:
 
 def _fmt(value, digits: int = 2, suffix: str = "") -> str:
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _sci(value) -> str:
+    return "—" if value is None else f"{value:.1e}"
 
 
 def _yes_no(value) -> str:
@@ -242,6 +247,84 @@ def transformer_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def private_table(document: dict[str, Any]) -> str:
+    """The tables of the clipping experiment: one per model, every row over its own gradient."""
+    targets = document["settings"].get("targets", {"time": 1.25, "temp": 1.2})
+    checks = document.get("checks", {})
+    blocks = []
+    for r in document["results"]:
+        grad = r["jax"]["grad"]
+        torch_rows = r.get("torch") or {}
+        shape = f"N = {r['batch_size']}" + (f", T = {r['seq_len']}" if r.get("seq_len") else "")
+        lines = [
+            f"#### {r['model']}: {r['num_params']:,} parameters, {shape}",
+            "",
+            f"jax.grad (summed loss): {grad['seconds'] * 1e3:.1f} ms, "
+            f"{_fmt(_ratio(grad.get('flops'), 1e9), 3)} GFLOP, "
+            f"temp {_fmt(_ratio(grad.get('temp_bytes'), MIB), 1)} MiB"
+            + (
+                f"; torch forward + backward: {torch_rows['backward']['seconds'] * 1e3:.1f} ms "
+                f"({r.get('torch_device', 'cpu')})"
+                if "backward" in torch_rows
+                else ""
+            )
+            + f". Clipping norm c = {r['clip_norm']:.4g} (the median per-example norm; "
+            f"{r['clipped_fraction']:.0%} of the examples clipped).",
+            "",
+            "| row | ms | × its gradient | fastest × | temp MiB | temp × grad | flops × grad "
+            "| compile s | first call s | rel. error | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        others = [
+            v["ratio"] for k, v in r["jax"].items() if k not in ("grad", "curvjax.clipped_grad")
+        ]
+        others += [v["ratio"] for k, v in torch_rows.items() if k != "backward"]
+        for name, row in r["jax"].items():
+            if name == "grad":
+                continue
+            target = ""
+            if name == "curvjax.clipped_grad":
+                fastest = all(row["ratio"] < other for other in others)
+                met = (
+                    row["ratio"] <= targets["time"]
+                    and row.get("temp_ratio") is not None
+                    and row["temp_ratio"] <= targets["temp"]
+                    and fastest
+                )
+                target = f"≤ {targets['time']:g}× time, ≤ {targets['temp']:g}× temp, fastest: " + (
+                    "met" if met else "**MISSED**"
+                )
+            error = checks.get(f"{r['model']}: {name}")
+            lines.append(
+                f"| {name} | {row['seconds'] * 1e3:.1f} | {row['ratio']:.2f} "
+                f"| {row['fastest_ratio']:.2f} | {_fmt(_ratio(row.get('temp_bytes'), MIB), 1)} "
+                f"| {_fmt(row.get('temp_ratio'))} | {_fmt(row.get('flops_ratio'))} "
+                f"| {_fmt(row['compile_seconds'], 1)} | {_fmt(row['first_call_seconds'], 1)} "
+                f"| {'reference' if name.startswith('vmap') else _sci(error)} "
+                f"| {target} |"
+            )
+        for name, row in torch_rows.items():
+            if name == "backward":
+                continue
+            error = checks.get(f"{r['model']}: {name}")
+            lines.append(
+                f"| {name} | {row['seconds'] * 1e3:.1f} | {row['ratio']:.2f} "
+                f"| {row['fastest_ratio']:.2f} | — | — | — | — | {_fmt(row['first_call_seconds'], 1)} "
+                f"| {'not checked' if error is None else _sci(error)} | |"
+            )
+        for name, why in r.get("unavailable", {}).items():
+            lines.append(f"| {name} | — | — | — | — | — | — | — | — | — | does not run: {why} |")
+        blocks.append("\n".join(lines))
+    notes = [
+        "JAX rows over the jitted `jax.grad` of the summed loss, torch rows over the twin's own "
+        "forward and backward pass, both in the same run. rel. error: the clipped sum against "
+        "`vmap(grad) + clip` (Opacus: against curvjax), `max |Δ| / max |ref|` per leaf.",
+    ]
+    if document.get("failed_checks"):
+        notes.append(f"**Failed checks**: {', '.join(document['failed_checks'])}.")
+    return "\n\n".join(blocks + notes)
+
+
 def machine_text(document: dict[str, Any]) -> str:
     """The machine, the versions, the load and the date of one run, as a paragraph."""
     env = document.get("environment", {})
@@ -298,6 +381,8 @@ def document_tables(document: dict[str, Any]) -> str:
         return curvature_table(document["results"])
     if experiment == "transformer":
         return transformer_table(document)
+    if experiment == "private":
+        return private_table(document)
     # spectrum.py and optimizers.py store their tables as printed (they have several shapes).
     return document.get("markdown", "(no tables in this file)")
 

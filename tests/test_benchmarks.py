@@ -158,3 +158,21 @@ def test_transformer_smoke(tmp_path):
     for row in document["jax"].values():
         assert 0 < row["compile_seconds"] <= row["first_call_seconds"]
     assert "GPT-style LM" in render(tmp_path)
+
+
+def test_private_smoke(tmp_path):
+    """The clipping experiment at its smoke size, without Opacus: curvjax's and jax-privacy's
+    clipped sums and norms against vmap(grad) + clip on both models (checked by the script)."""
+    out = tmp_path / "private-smoke.json"
+    result = run_script("private.py", "--smoke", "--no-torch", "--json", out)
+    assert "| curvjax.clipped_grad |" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["experiment"] == "private" and not document["failed_checks"]
+    assert [r["kind"] for r in document["results"]] == ["3c3d", "lm"]
+    for r in document["results"]:
+        assert {"grad", "curvjax.clipped_grad", "vmap(grad) + clip"} <= set(r["jax"])
+        assert f"{r['model']}: curvjax.clipped_grad" in document["checks"]
+        assert 0 < r["clipped_fraction"] < 1
+        for row in r["jax"].values():
+            assert 0 < row["compile_seconds"] <= row["first_call_seconds"]
+    assert "Per-example clipping" in render(tmp_path)
