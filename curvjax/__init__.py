@@ -9,6 +9,7 @@ from curvjax._src.blocks import (
     blocks_to_dense,
 )
 from curvjax._src.chain import ChainFactors, chain_factors
+from curvjax._src.clipping import ClippedGrad
 from curvjax._src.diagnostics import (
     GradientNoiseScale,
     gradient_noise_scale,
@@ -17,6 +18,7 @@ from curvjax._src.diagnostics import (
 from curvjax._src.extract import extract
 from curvjax._src.first_order import (
     batch_l2,
+    clipped_grad,
     grad,
     per_example_grads,
     sum_grad_squared,
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BilinearForm",
     "ChainFactors",
+    "ClippedGrad",
     "DenseBlock",
     "DiagonalBlock",
     "GradientNoiseScale",
@@ -45,6 +48,7 @@ __all__ = [
     "block_to_dense",
     "blocks_to_dense",
     "chain_factors",
+    "clipped_grad",
     "extract",
     "ggn_diag",
     "ggn_diag_mc",

@@ -29,7 +29,10 @@ def test_every_public_quantity_is_registered_and_reachable():
     apply_fn, params, batch = _chain()
     for name in quantities.names():
         assert hasattr(curvjax, name), name  # each entry has its public wrapper
-        out = curvjax.extract(apply_fn, params, batch, [name], key=jax.random.key(0))
+        options = {name: {"clip_norm": 1.0}} if name == "clipped_grad" else None
+        out = curvjax.extract(
+            apply_fn, params, batch, [name], key=jax.random.key(0), options=options
+        )
         assert name in out
     assert set(quantities.curvature_names()) == {
         "ggn_diag", "ggn_diag_mc", "hessian_diag", "kfac", "kflr", "kfra"

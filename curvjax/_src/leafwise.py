@@ -131,6 +131,44 @@ def per_example_grads(p: Pass) -> list:
     return jax.vmap(lambda g: vjp(g)[0])(tap_grads)
 
 
+def weighted_grad_sums(p: Pass, scales: list, group_of_leaf: list[int]) -> list:
+    """``Σ_n s_{n,γ(k)} g_{n,k}`` for every float leaf ``k``, without forming ``g_n``.
+
+    Each tap contracts its stored activations and scaled cotangents over the examples once per
+    group among its leaves (:func:`~curvjax._src.rules.generic.weighted_param_grad_sum`); the
+    parameter-side computation, linear in the taps' parameter gradients and shared by all
+    examples, is then pulled back once per group.
+
+    Args:
+      scales: one ``[N]`` array ``s_{n,γ}`` per group ``γ``.
+      group_of_leaf: the group of each float leaf.
+    """
+    leaves = p.model.float_leaves(p.params)
+    result = [jnp.zeros_like(leaf) for leaf in leaves]
+    taps = [t for t in p.model.taps if t.leaves]
+    if not taps:
+        return result
+    _, vjp = _param_side(p, taps, list(range(len(leaves))))
+    for group in sorted({group_of_leaf[k] for t in taps for k in t.leaves}):
+        members = {t.id for t in taps if any(group_of_leaf[k] == group for k in t.leaves)}
+        tap_grads = {}
+        for t in taps:
+            if t.id in members:
+                tap_grads[t.id] = generic.weighted_param_grad_sum(
+                    t, p.statics[t.id], p.acts[t.id], p.cots[t.id], scales[group]
+                )
+            else:
+                tap_grads[t.id] = tuple(
+                    jnp.zeros_like(p.statics[t.id][t.static_positions.index(q)])
+                    for q in t.param_positions
+                )
+        pulled = vjp(tap_grads)[0]
+        for k in range(len(leaves)):
+            if group_of_leaf[k] == group:
+                result[k] = pulled[k]
+    return result
+
+
 def norm_method(t: int, i: int, o: int) -> str:
     """How :func:`sq_norms` evaluates ``||Σ_t a_t b_tᵀ||²`` for ``a_t [I]``, ``b_t [O]``, ``T`` terms.
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from curvjax._src import backprop, chain, diagonals, kronecker, leafwise
+from curvjax._src import backprop, chain, clipping, diagonals, kronecker, leafwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +249,14 @@ register(
     Quantity(
         "variance",
         lambda c, _: _variance_from(c.value("sum_grad_squared"), c.p.grad, c.p.model.num_examples),
+    )
+)
+register(
+    Quantity(
+        "clipped_grad",
+        lambda c, _: clipping.clip(c.p, **c.options["clipped_grad"]),
+        options={"clip_norm": None, "groups": None},
+        per_leaf=False,
     )
 )
 register(

@@ -41,3 +41,32 @@ def param_grad_one(tap, statics, acts_n, cots_n) -> tuple:
 def param_grads(tap, statics, acts, cots) -> tuple:
     """Per-example parameter gradients ``[N, *θ̃.shape]`` for each parameter input of ``tap``."""
     return jax.vmap(lambda a, c: param_grad_one(tap, statics, a, c))(acts, cots)
+
+
+def weighted_param_grad_sum(tap, statics, acts, cots, scale) -> tuple:
+    """``Σ_n s_n vjp(θ̃ ↦ eqn(θ̃, a_n))(b_n)`` for each parameter input, without ``[N, *θ̃.shape]``.
+
+    One VJP of the equation applied to all examples (``vmap`` over ``a``, ``θ̃`` shared), with
+    the output cotangents scaled per example: the contraction over examples happens inside the
+    transposed equation (for a dense or convolution tap, one matrix product or one
+    backward-filter convolution), as in the ordinary backward pass.
+
+    Args:
+      scale: ``[N]`` the weights ``s_n``.
+    """
+    params = [statics[tap.static_positions.index(p)] for p in tap.param_positions]
+
+    def apply(*param_values):
+        def one(acts_n):
+            return tuple(primitives.bind(tap.eqn, _assemble(tap, statics, param_values, acts_n)))
+
+        return jax.vmap(one)(acts)
+
+    outs, vjp_fn = jax.vjp(apply, *params)
+
+    def scaled(o, c):
+        if c is None:
+            return np.zeros(o.shape, dtype=jax.dtypes.float0)
+        return c * scale.reshape(scale.shape + (1,) * (c.ndim - 1)).astype(c.dtype)
+
+    return vjp_fn(tuple(scaled(o, c) for o, c in zip(outs, cots, strict=True)))
