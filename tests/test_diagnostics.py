@@ -99,6 +99,37 @@ def test_weighted_batch():
     _check(result, case.params, _statistics(leaves, weights > 0))
 
 
+def test_position_weights():
+    # outputs [N, T, C] with a [N, T] mask: ℓ_n = Σ_t w_{n,t} ℓ(f_{n,t}, y_{n,t}); a sequence whose
+    # positions are all masked is not an example (m = N - 1), a partly masked one is
+    rng = np.random.default_rng(1)
+    n, t, d, c = 5, 4, 3, 2
+    params = {"w": jnp.asarray(rng.standard_normal((d, c))), "b": jnp.asarray([0.1, -0.3])}
+    x = jnp.asarray(rng.standard_normal((n, t, d)))
+    y = jnp.asarray(rng.integers(0, c, (n, t)), jnp.int32)
+    mask = np.ones((n, t))
+    mask[1] = 0.0
+    mask[3, 2:] = 0.0
+
+    def apply_fn(p, inputs):
+        return jnp.tanh(inputs @ p["w"]) + p["b"][None, None, :]
+
+    def loss_n(p, x_n, y_n, w_n):
+        f = apply_fn(p, x_n[None])[0]
+        per_position = jax.vmap(
+            lambda f_t, y_t: reference.per_example_loss("cross_entropy", f_t, y_t)
+        )
+        return jnp.sum(w_n * per_position(f, y_n))
+
+    g = jax.vmap(jax.grad(loss_n), in_axes=(None, 0, 0, 0))(params, x, y, jnp.asarray(mask))
+    leaves = [np.asarray(g[k]).reshape(n, -1) for k in sorted(params)]
+    result = jax.jit(curvjax.gradient_noise_scale, static_argnums=0)(
+        apply_fn, params, (x, y, jnp.asarray(mask))
+    )
+    assert int(result.num_examples) == n - 1
+    _check(result, params, _statistics(leaves, mask.sum(1) > 0))
+
+
 def test_fewer_than_two_examples():
     case = models.get_case("mlp_tanh")
     inputs, targets = models.make_batch(case, "cross_entropy")
