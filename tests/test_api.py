@@ -7,6 +7,7 @@ import pytest
 
 import curvjax
 import curvjax.optim
+import curvjax.privacy
 import curvjax.spectral
 
 MODULES = [
@@ -23,6 +24,9 @@ MODULES = [
     "curvjax._src.optim.kfac",
     "curvjax._src.chain",
     "curvjax._src.optim.schedules",
+    "curvjax._src.optim.private",
+    "curvjax._src.accounting",
+    "curvjax.privacy",
 ]
 
 
@@ -30,7 +34,7 @@ def test_every_public_name_has_a_docstring():
     for name in curvjax.__all__:
         obj = getattr(curvjax, name)
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
-    for module in (curvjax.losses, curvjax.spectral, curvjax.optim):
+    for module in (curvjax.losses, curvjax.spectral, curvjax.optim, curvjax.privacy):
         for name in module.__all__:
             assert getattr(module, name).__doc__, f"{module.__name__}.{name}"
 
