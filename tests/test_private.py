@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+import curvjax
+from curvjax import privacy
 from curvjax.optim import DpAggregateState, dp_aggregate, dpsgd
 
 CLIP = 0.7
@@ -179,3 +181,48 @@ def test_integer_leaf_is_refused():
     tx = dp_aggregate(1.0, 1.0, 0, expected_batch_size=4)
     with pytest.raises(TypeError, match="floating-point"):
         tx.update({"w": jnp.ones(3), "count": jnp.array(2)}, tx.init(None))
+
+
+def test_one_private_step_with_clipped_grad_against_vmap_grad():
+    """Poisson batch -> clipped_grad (mask as weights) -> dp_aggregate with σ = 0, against the
+    float64 reference: vmap(grad) on the sampled examples, clipped and summed in numpy, over q N."""
+    rng = np.random.default_rng(4)
+    num_examples, rate, padded = 30, 0.3, 20
+    x = jnp.asarray(rng.normal(size=(num_examples, 5)))
+    y = jnp.asarray(rng.integers(0, 3, size=num_examples))
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(5, 6))),
+        "b1": jnp.asarray(rng.normal(size=6)),
+        "w2": jnp.asarray(rng.normal(size=(6, 3))),
+    }
+
+    def apply_fn(p, inputs):
+        return jnp.tanh(inputs @ p["w1"] + p["b1"][None]) @ p["w2"]
+
+    clip = 3.0  # between the smallest and the largest per-example norm of this model
+    expected_size = rate * num_examples
+    tx = optax.chain(dp_aggregate(clip, 0.0, 0, expected_batch_size=expected_size), optax.sgd(1.0))
+
+    @jax.jit
+    def step(params, state, key):
+        sample = privacy.poisson_batch(key, num_examples, rate, padded)
+        batch = (x[sample.indices], y[sample.indices], sample.mask)
+        clipped = curvjax.clipped_grad(apply_fn, params, batch, clip_norm=clip)
+        update, state = tx.update(clipped.grad, state, params)
+        return update, state, sample
+
+    update, _, sample = step(params, tx.init(params), jax.random.key(3))
+    real = np.asarray(sample.indices)[np.asarray(sample.mask) > 0]
+    assert 0 < len(real) == int(sample.num_sampled) < padded
+
+    def example_loss(p, xn, yn):
+        return -jax.nn.log_softmax(apply_fn(p, xn[None])[0])[yn]
+
+    per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x[real], y[real])
+    flat = np.concatenate([np.asarray(per_example[k]).reshape(len(real), -1) for k in params], 1)
+    norms = np.linalg.norm(flat, axis=1)
+    assert np.any(norms > clip) and np.any(norms < clip)  # both branches of the clip are used
+    reference = -(np.minimum(1.0, clip / norms) @ flat) / expected_size  # sgd(1): minus the grad
+    got = np.concatenate([np.ravel(update[k]) for k in params])
+    # float64 sums over 20 examples: a few hundred ulps of the largest entry
+    np.testing.assert_allclose(got, reference, rtol=1e-10, atol=1e-13 * np.abs(reference).max())
