@@ -36,6 +36,11 @@ def test_epsilon_agrees_with_dp_accounting(accountant):
         # the same computation on the same event: equal up to rounding
         assert got == pytest.approx(_direct_epsilon(sigma, q, steps, accountant), rel=1e-12)
         assert 0 < got < np.inf
+    # numpy / jax scalars (e.g. a step count from a training loop) give the same number
+    scalars = privacy.epsilon(
+        jnp.asarray(1.1), np.float64(0.01), np.int64(1000), np.float64(DELTA), accountant=accountant
+    )
+    assert scalars == pytest.approx(_direct_epsilon(1.1, 0.01, 1000, accountant), rel=1e-12)
 
 
 def _integer_order_rdp_epsilon(sigma, q, steps, delta):

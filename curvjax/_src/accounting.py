@@ -26,6 +26,7 @@ def _import_dp_accounting():
 
 
 def _check_accounting_args(sampling_rate, steps, delta, accountant, dataset_size, max_batch_size):
+    steps = int(steps) if isinstance(steps, numbers.Integral) else steps
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"`sampling_rate` must be in (0, 1], got {sampling_rate}.")
     if not isinstance(steps, numbers.Integral) or steps < 0:
@@ -49,6 +50,14 @@ def _check_accounting_args(sampling_rate, steps, delta, accountant, dataset_size
             raise ValueError(f"`dataset_size` must be a positive int, got {dataset_size!r}.")
         if not isinstance(max_batch_size, numbers.Integral) or max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be a positive int, got {max_batch_size!r}.")
+    # plain Python numbers for dp-accounting (numpy / jax scalars are accepted here)
+    return (
+        float(sampling_rate),
+        steps,
+        float(delta),
+        None if dataset_size is None else int(dataset_size),
+        None if max_batch_size is None else int(max_batch_size),
+    )
 
 
 def _event(dp_accounting, noise_multiplier, sampling_rate, steps, dataset_size, max_batch_size):
@@ -136,7 +145,10 @@ def epsilon(
       FFT", AISTATS 2020.
     """
     dp_accounting = _import_dp_accounting()
-    _check_accounting_args(sampling_rate, steps, delta, accountant, dataset_size, max_batch_size)
+    sampling_rate, steps, delta, dataset_size, max_batch_size = _check_accounting_args(
+        sampling_rate, steps, delta, accountant, dataset_size, max_batch_size
+    )
+    noise_multiplier = float(noise_multiplier)
     if noise_multiplier < 0:
         raise ValueError(f"`noise_multiplier` must be non-negative, got {noise_multiplier}.")
     if steps == 0:
@@ -194,7 +206,10 @@ def noise_multiplier(
       Abadi et al., "Deep learning with differential privacy", CCS 2016.
     """
     dp_accounting = _import_dp_accounting()
-    _check_accounting_args(sampling_rate, steps, delta, accountant, dataset_size, max_batch_size)
+    sampling_rate, steps, delta, dataset_size, max_batch_size = _check_accounting_args(
+        sampling_rate, steps, delta, accountant, dataset_size, max_batch_size
+    )
+    target_epsilon = float(target_epsilon)
     if not target_epsilon > 0:
         raise ValueError(f"`target_epsilon` must be positive, got {target_epsilon}.")
     if steps < 1:
