@@ -100,7 +100,7 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
     group_of_leaf, labels = _groups(p, groups)
     limits = _clip_norms(clip_norm, labels, groups)
     kappa = p.objective.scale
-    sq = leafwise.sq_norms(p)  # ‖g_n‖² per float leaf, g_n = κ ĝ_n
+    sq, kept = leafwise.sq_norms_keeping(p)  # ‖g_n‖² per float leaf, g_n = κ ĝ_n
     n = p.model.num_examples
     dtype = p.outputs.dtype
     real = jnp.any(p.objective.weights.reshape(n, -1) > 0, axis=1)
@@ -118,7 +118,9 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
         norms.append(norm)
         factors.append(factor / kappa)  # the pass's cotangents are those of κ ℓ_n
         fractions.append(jnp.sum(over & real) / count)
-    grads = leafwise.weighted_grad_sums(p, factors, group_of_leaf)
+    grads = leafwise.weighted_grad_sums(p, factors, group_of_leaf, skip=kept)
+    for k, parts in kept.items():
+        grads[k] = leafwise.kept_weighted_sum(p, k, parts, factors[group_of_leaf[k]])
     grad = p.model.unflatten_float(grads)
     if groups is None:
         return ClippedGrad(grad, norms[0], fractions[0])

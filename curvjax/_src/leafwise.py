@@ -131,7 +131,7 @@ def per_example_grads(p: Pass) -> list:
     return jax.vmap(lambda g: vjp(g)[0])(tap_grads)
 
 
-def weighted_grad_sums(p: Pass, scales: list, group_of_leaf: list[int]) -> list:
+def weighted_grad_sums(p: Pass, scales: list, group_of_leaf: list[int], skip=()) -> list:
     """``Σ_n s_{n,γ(k)} g_{n,k}`` for every float leaf ``k``, without forming ``g_n``.
 
     Each tap contracts its stored activations and scaled cotangents over the examples once per
@@ -142,10 +142,12 @@ def weighted_grad_sums(p: Pass, scales: list, group_of_leaf: list[int]) -> list:
     Args:
       scales: one ``[N]`` array ``s_{n,γ}`` per group ``γ``.
       group_of_leaf: the group of each float leaf.
+      skip: float leaves the caller sums otherwise (they get zeros); taps that consume only
+        those leaves are not contracted.
     """
     leaves = p.model.float_leaves(p.params)
     result = [jnp.zeros_like(leaf) for leaf in leaves]
-    taps = [t for t in p.model.taps if t.leaves]
+    taps = [t for t in p.model.taps if t.leaves and not t.leaves <= set(skip)]
     if not taps:
         return result
     _, vjp = _param_side(p, taps, list(range(len(leaves))))
@@ -164,7 +166,7 @@ def weighted_grad_sums(p: Pass, scales: list, group_of_leaf: list[int]) -> list:
                 )
         pulled = vjp(tap_grads)[0]
         for k in range(len(leaves)):
-            if group_of_leaf[k] == group:
+            if group_of_leaf[k] == group and k not in skip:
                 result[k] = pulled[k]
     return result
 
@@ -272,13 +274,49 @@ def sq_norms(p: Pass) -> list:
     for all examples at once: per leaf the cheaper of the Gram identity and a chunked
     materialisation (:func:`norm_method`). Other leaves form ``g_n`` a chunk of examples at a time.
     """
+    return _sq_norms(p, keep=False)[0]
+
+
+def sq_norms_keeping(p: Pass) -> tuple[list, dict]:
+    """:func:`sq_norms`, keeping the per-example gradients it forms where they are small.
+
+    A leaf of one bilinear tap whose norms are computed by forming ``g_n`` (``"direct"``) keeps
+    them when they take no more memory than the tap's stored activations and cotangents
+    (``I O ≤ T (I + O)`` per group): a weighted sum of them then costs ``N I O`` instead of the
+    ``N T I O`` of contracting ``a`` and ``b`` again (Bu et al.'s mixed book-keeping).
+
+    Returns:
+      ``(norms, kept)``, ``kept`` mapping a float leaf index to ``(tap, to_param, g [N, G, I, O])``
+      with ``g`` in the tap's canonical layout.
+    """
+    return _sq_norms(p, keep=True)
+
+
+def kept_weighted_sum(p: Pass, k: int, kept, scale) -> jax.Array:
+    """``Σ_n s_n g_{n,k}`` in leaf ``k``'s layout, from :func:`sq_norms_keeping`'s ``kept[k]``."""
+    tap, to_param, grads = kept
+    total = jnp.einsum("n,ngio->gio", scale.astype(grads.dtype), grads)
+    return _to_leaf(p, tap, k, to_param(total), batched=False)
+
+
+def _sq_norms(p: Pass, keep: bool) -> tuple[list, dict]:
     n = p.model.num_examples
     dtype = p.outputs.dtype
     result = [jnp.zeros((n,), dtype) for _ in p.model.float_index]
+    kept = {}
     cols = p.columns_of_gradient()
     forms, slow = _norm_forms(p, cols)
     for k, (a, b) in forms.items():
-        result[k] = _form_sq_norms(a, b)
+        _, g, t, i = a.shape
+        o = b.shape[-1]
+        taps = p.model.taps_of_leaf[k]
+        if keep and len(taps) == 1 and norm_method(t, i, o) == "direct" and i * o <= t * (i + o):
+            grads = jnp.einsum("ngti,ngto->ngio", a, b)
+            result[k] = jnp.sum(grads**2, axis=(1, 2, 3))
+            form = rules.bilinear_form(taps[0], p.acts[taps[0].id], cols[taps[0].id])
+            kept[k] = (taps[0], form.to_param, grads)
+        else:
+            result[k] = _form_sq_norms(a, b)
     if slow:
         one, acts = _slow_grads_fn(p, slow)
 
@@ -291,7 +329,7 @@ def sq_norms(p: Pass) -> list:
         values = chunking.chunked_map(norms, (acts, slow_cols), chunk)
         for k, value in zip(slow, values, strict=True):
             result[k] = value
-    return result
+    return result, kept
 
 
 def sum_sq(p: Pass, cols: dict, weights=None, direct=None, leaf_ids=None) -> list:
