@@ -102,6 +102,25 @@ def test_consecutive_steps_draw_different_noise_and_same_seed_repeats():
     assert np.min(np.abs(_flat(first) - _flat(third))) > 0
 
 
+def test_noise_multiplier_and_key_may_be_traced():
+    """Built inside jit with a traced σ and key (one compilation for runs at several ε)."""
+    clipped = _clipped_sum()
+
+    @jax.jit
+    def privatise(sigma, key):
+        tx = dp_aggregate(CLIP, sigma, key, expected_batch_size=B)
+        return tx.update(clipped, tx.init(clipped))[0]
+
+    eager = dp_aggregate(CLIP, SIGMA, jax.random.key(9), expected_batch_size=B)
+    want, _ = eager.update(clipped, eager.init(clipped))
+    np.testing.assert_allclose(
+        _flat(privatise(SIGMA, jax.random.key(9))), _flat(want), rtol=1e-14, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        _flat(privatise(0.0, jax.random.key(9))), _flat(clipped) / B, rtol=3e-16, atol=0
+    )
+
+
 def test_chains_in_front_of_adam():
     params = jax.tree.map(lambda x: None if x is None else jnp.zeros_like(x), _clipped_sum())
     private = optax.chain(dp_aggregate(CLIP, 0.0, 0, expected_batch_size=B), optax.adam(0.1))
