@@ -11,7 +11,8 @@
   schedule.
 * :func:`dp_aggregate` and :func:`dpsgd` -- DP-SGD (Abadi et al. 2016): Gaussian noise on the
   clipped sum of per-example gradients (:func:`curvjax.clipped_grad`), divided by the expected
-  batch size, in front of any optax optimizer; privacy accounting in :mod:`curvjax.privacy`.
+  batch size, in front of any optax optimizer (plain ``optax.GradientTransformation``s, the
+  clipped sum as ``updates``); privacy accounting in :mod:`curvjax.privacy`.
 
 Every transform is an ``optax.GradientTransformationExtraArgs`` with a NamedTuple state; curvature
 computed by :func:`curvjax.extract` in the same pass as the gradient comes in as the extra argument
