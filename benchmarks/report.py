@@ -347,6 +347,8 @@ def machine_text(document: dict[str, Any]) -> str:
             ("PyHessian", "pyhessian"),
             ("kfac-jax", "kfac-jax"),
             ("curvlinops", "curvlinops-for-pytorch"),
+            ("Opacus", "opacus"),
+            ("jax-privacy", "jax-privacy"),
         )
         if env.get(key)
     )
