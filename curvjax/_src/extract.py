@@ -38,6 +38,13 @@ def extract(
     ``M`` Monte-Carlo columns ``ggn_diag_mc``, ``kfac`` and ``chain_factors`` (with the same
     samples when their ``mc_samples`` agree).
 
+    ``apply_fn`` must be deterministic: it is evaluated one example at a time, where a random draw
+    (dropout, noise on activations) is not the draw that example gets in the batch. A model that
+    draws random numbers (any ``jax.random`` sampler, flax ``Dropout`` with
+    ``deterministic=False``, inside nested ``jit`` / ``remat`` / control flow too) is refused with
+    an error naming the draw and its source line; turn dropout off for curvature
+    (``deterministic=True``, nnx ``model.eval()``, equinox ``inference=True``).
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
       params: parameter pytree.

@@ -17,6 +17,8 @@ primitive object JAX exports (``jax.lax.dot_general_p``, ``jax.extend.core.primi
   ``form(tap, acts, cots)`` giving the canonical bilinear form of :mod:`curvjax._src.rules.bilinear`);
 * ``mixing``: the stride rule of the batch-mixing detector (:mod:`curvjax._src.mixing`);
 * ``evaluate``: an evaluation override (the selection-based max-pool derivative).
+* ``random``: it draws random numbers (curvjax refuses models that do, see
+  :func:`check_deterministic`).
 
 :func:`walk` is the one interpreter: tap analysis, evaluation and batch-mixing detection all run
 it with their own per-equation step, and all enter the same calls (:func:`called_jaxpr`).
@@ -70,6 +72,7 @@ class PrimitiveInfo:
     rule: Any = None
     mixing: Callable | None = None
     evaluate: Callable | None = None
+    random: bool = False
 
 
 _TABLE: dict[Primitive, PrimitiveInfo] = {}
@@ -206,6 +209,16 @@ _add([lax.cumprod_p, lax.cumlogsumexp_p], mixing=mixing.cumulative_rule)
 _add([lax.reduce_window_p], mixing=mixing.windowed_rule)
 _add([lax.scatter_p, lax.scatter_mul_p, lax.scatter_min_p, lax.scatter_max_p], mixing=mixing.scatter_rule)  # fmt: skip
 _add([lax.psum_p, lax.pmax_p, lax.pmin_p], mixing=mixing.collective_rule)
+
+# --- random draws -------------------------------------------------------------------------------
+# Every random number JAX produces comes from one of these (``jax.random`` samplers draw through
+# ``random_bits``, whatever the key type or PRNG implementation). Key operations (seed, wrap,
+# fold_in, split) draw nothing and are not listed: a model that builds keys without drawing is
+# deterministic (flax linen builds a key from ``rngs`` even with ``deterministic=True``).
+_add(
+    [P.random_bits_p, P.random_gamma_p, P.threefry2x32_p, P.rng_bit_generator_p, P.rng_uniform_p],
+    random=True,
+)
 
 del P
 
@@ -460,3 +473,52 @@ where = mixing.source_line
 def describe(eqn, fallback: str = "") -> str:
     """``primitive at file:line`` for messages (``fallback``: the line of an enclosing call)."""
     return f"`{eqn.primitive.name}` at {where(eqn) or fallback or 'unknown location'}"
+
+
+def _nested_jaxprs(eqn) -> Iterator[Jaxpr]:
+    """Every jaxpr in an equation's parameters (calls, ``cond`` branches, ``scan`` / ``while``)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, Jaxpr):
+                yield item
+
+
+def random_draws(jaxpr: Jaxpr, fallback: str = "") -> list[str]:
+    """Descriptions of the equations of ``jaxpr`` that draw random numbers, nested ones included.
+
+    An equation without a source line of its own gets that of its innermost enclosing call.
+    """
+    found = []
+    for eqn in jaxpr.eqns:
+        if lookup(eqn).random:
+            found.append(describe(eqn, fallback))
+        for sub in _nested_jaxprs(eqn):
+            found += random_draws(sub, where(eqn) or fallback)
+    return list(dict.fromkeys(found))
+
+
+def check_deterministic(jaxpr: Jaxpr) -> None:
+    """Raise if the model's ``jaxpr`` draws random numbers (dropout, noise on activations).
+
+    curvjax evaluates the model one example at a time; a random draw there is not the draw that
+    example gets in the batch (a dropout mask drawn at batch size one is the same mask for every
+    example), so every per-example quantity, and even the loss, would silently differ from those
+    of the user's batch function.
+    """
+    draws = random_draws(jaxpr)
+    if draws:
+        lines = "\n".join(f"  - {line}" for line in draws)
+        raise ValueError(
+            "apply_fn draws random numbers:\n"
+            f"{lines}\n"
+            "curvjax evaluates the model one example at a time, where an example's random draws "
+            "differ from those it gets in the batch (a dropout mask drawn at batch size one), so "
+            "every per-example quantity would silently differ from your batch function's. Make "
+            "apply_fn deterministic for curvjax: flax linen `nn.Dropout(..., deterministic=True)` "
+            "(and no 'dropout' rng), flax nnx `model.eval()`, equinox `inference=True`, no "
+            "`jax.random` calls on activations. For per-example gradients of a stochastic model, "
+            "use `jax.vmap(jax.grad(loss))` over keys split per example "
+            "(`jax.random.split(key, N)`)."
+        )

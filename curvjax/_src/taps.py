@@ -436,6 +436,7 @@ class TracedModel:
                 "[N, *positions, C]; for a single example it returned "
                 f"{jax.tree.map(lambda s: s.shape, out_shape)}."
             )
+        primitives.check_deterministic(closed.jaxpr)
         self.jaxpr = closed
         self.out_aval = out_shape
 
