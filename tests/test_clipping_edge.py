@@ -21,6 +21,7 @@ import pytest
 import reference
 
 import curvjax
+from curvjax._src import leafwise, quantities
 
 # float64 sums of a few dozen O(1) products on both sides; the clipping factors come from norms
 # that agree to ~1e-15, so 1e-10 relative leaves a margin of about 1e4 over rounding
@@ -129,6 +130,58 @@ def test_groups_that_split_the_parameter_input_of_one_tap(apply_fn):
         curvjax.clipped_grad(apply_fn, params, (x, y, WEIGHTS), clip_norm=0.4, groups="leaf").grad,
         want,
     )
+
+
+TRANSFORMS = {
+    # the tap's parameter input is a product of two leaves of different groups
+    "param_side_matmul": lambda p, x: jnp.tanh(x @ (p["w1"] @ p["w2"])) + p["v"][None, :3],
+    # one select tap with two parameter inputs from different groups
+    "select_two_params": lambda p, x: jnp.where(x > 0, p["w1"][0][None], p["v"][None]) @ p["w2"],
+    # parameters reaching the outputs through a static sum added to the activations
+    "static_sum_added": lambda p, x: x @ p["w2"] + jnp.sum(p["w1"]) + jnp.sum(p["v"] ** 2),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_parameter_side_transforms_across_groups(name):
+    apply_fn = TRANSFORMS[name]
+    params = _params(7, w1=(4, 4), w2=(4, 3), v=(4,))
+    x, y = _batch()
+    groups = {"w1": "a", "w2": "b", "v": "b"}
+    for labels, arg in ((None, None), ({k: k for k in params}, "leaf"), (groups, groups)):
+        want, _ = _reference(apply_fn, params, x, y, WEIGHTS, 0.4, labels)
+        got = curvjax.clipped_grad(apply_fn, params, (x, y, WEIGHTS), clip_norm=0.4, groups=arg)
+        _close(got.grad, want)
+
+
+def _kept_apply(p, x):
+    """Sequence layers with T = 16 positions and few features: their per-example gradients are
+    formed for the norms and kept for the sum, read back through a transpose, a reshape of a flat
+    leaf and a convolution kernel."""
+    h = jnp.tanh(x @ p["wt"].T) + jnp.tanh(x @ p["wf"].reshape(2, 3))
+    h = jax.lax.conv_general_dilated(
+        h, p["k"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+    return jnp.mean(jnp.tanh(h), axis=1) @ p["h"]
+
+
+def test_kept_per_example_gradients_through_relayouts():
+    params = _params(8, wt=(3, 2), wf=(6,), k=(3, 3, 3), h=(3, 3))
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(N, 16, 2)))
+    y = jnp.asarray(rng.integers(0, 3, N), jnp.int32)
+    groups = {"wt": "a", "wf": "a", "k": "b", "h": "b"}
+    # the case exercises the kept path: wt, wf and k keep their per-example gradients
+    p, _ = quantities.compute(
+        _kept_apply, params, (x, y), ("batch_l2",), loss="cross_entropy", reduction="sum"
+    )
+    kept = leafwise.sq_norms_keeping(p)[1]
+    names = {p.model.leaf_names[p.model.float_index[k]] for k in kept}
+    assert names == {"params['k']", "params['wf']", "params['wt']"}
+    for labels, arg in ((None, None), ({k: k for k in params}, "leaf"), (groups, groups)):
+        want, _ = _reference(_kept_apply, params, x, y, WEIGHTS, 0.3, labels)
+        got = curvjax.clipped_grad(_kept_apply, params, (x, y, WEIGHTS), clip_norm=0.3, groups=arg)
+        _close(got.grad, want)
 
 
 def _int_leaf_apply(p, x):
