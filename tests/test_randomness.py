@@ -212,3 +212,41 @@ def test_nnx_model_in_eval_mode_works():
     want = sum(jnp.sum(g.reshape(N, -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
     # float32 model: sums of a few dozen terms, each rounded at eps ≈ 1.2e-7
     np.testing.assert_allclose(sum(jax.tree.leaves(out["batch_l2"])), want, rtol=1e-5)
+
+
+def _masked_apply(p, inputs):
+    x, mask = inputs
+    return (jnp.tanh(x @ p["w"]) * mask) @ p["v"]
+
+
+def test_mask_drawn_outside_and_closed_over_is_refused():
+    # a [N, 5] mask closed over broadcasts against one example's [1, 5] activations: evaluated
+    # per example the model would return N rows and curvjax would read the wrong numbers
+    params = _plain_params()
+    x, y = _batch()
+    mask = jax.random.bernoulli(KEY, 0.5, (N, 5)).astype(x.dtype)
+    with pytest.raises(ValueError, match=r"shape \(4, 3\).*closed over.*inputs"):
+        curvjax.extract(lambda p, x: _masked_apply(p, (x, mask)), params, (x, y), ["batch_l2"])
+
+
+def test_mask_passed_in_inputs_is_exact():
+    # the documented way to keep dropout: every quantity is that of the masked batch function
+    params = _plain_params()
+    x, y = _batch()
+    mask = jax.random.bernoulli(KEY, 0.5, (N, 5)).astype(x.dtype)
+    out = curvjax.extract(
+        _masked_apply, params, ((x, mask), y), ["per_example_grads"], reduction="sum"
+    )
+
+    def loss(p, inputs, targets):
+        logits = _masked_apply(p, inputs)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+    def loss_n(p, x_n, m_n, y_n):
+        return loss(p, (x_n[None], m_n[None]), y_n[None])
+
+    want = jax.vmap(jax.grad(loss_n), (None, 0, 0, 0))(params, x, mask, y)
+    # float64, a handful of O(1) products: 1e-10 is ~1e5 times the rounding
+    np.testing.assert_allclose(out["loss"], loss(params, (x, mask), y), rtol=1e-10)
+    assert_tree_close(out["per_example_grads"], want, params, rtol=1e-10)
+    assert_tree_close(out["grad"], jax.grad(loss)(params, (x, mask), y), params, rtol=1e-10)

@@ -43,7 +43,8 @@ def extract(
     draws random numbers (any ``jax.random`` sampler, flax ``Dropout`` with
     ``deterministic=False``, inside nested ``jit`` / ``remat`` / control flow too) is refused with
     an error naming the draw and its source line; turn dropout off for curvature
-    (``deterministic=True``, nnx ``model.eval()``, equinox ``inference=True``).
+    (``deterministic=True``, nnx ``model.eval()``, equinox ``inference=True``), or draw the mask
+    outside and pass it per example in ``inputs`` (``inputs = (x, mask)``), which is exact.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.

@@ -518,7 +518,9 @@ def check_deterministic(jaxpr: Jaxpr) -> None:
             "every per-example quantity would silently differ from your batch function's. Make "
             "apply_fn deterministic for curvjax: flax linen `nn.Dropout(..., deterministic=True)` "
             "(and no 'dropout' rng), flax nnx `model.eval()`, equinox `inference=True`, no "
-            "`jax.random` calls on activations. For per-example gradients of a stochastic model, "
-            "use `jax.vmap(jax.grad(loss))` over keys split per example "
+            "`jax.random` calls on activations. To keep the randomness, draw it outside apply_fn "
+            "and pass it per example through `inputs` (e.g. `inputs = (x, dropout_mask)` with the "
+            "mask `[N, ...]`): then every quantity is that of the masked model. Or compute "
+            "per-example gradients with `jax.vmap(jax.grad(loss))` over keys split per example "
             "(`jax.random.split(key, N)`)."
         )
