@@ -129,7 +129,8 @@ def _node_columns(node: taps_lib.Node, statics, inputs, delta):
         )
         rows.append(jnp.stack(jax.jvp(grad, tuple(wide), tangent)[1], axis=-1))
     hess = jnp.stack(rows, axis=-1).reshape(-1, k, k)  # [d, k, k], symmetric per element
-    eigvals, eigvecs = jnp.linalg.eigh(hess)  # [d, k], [d, k(j), k(r)]
+    # eigh needs at least float32 (a bfloat16 model); the columns go back in each operand's dtype
+    eigvals, eigvecs = jnp.linalg.eigh(hess.astype(jnp.promote_types(hess.dtype, jnp.float32)))
     scale = jnp.sqrt(jnp.abs(eigvals))  # [d, k]
     d = hess.shape[0]
     columns = []
@@ -137,8 +138,8 @@ def _node_columns(node: taps_lib.Node, statics, inputs, delta):
         coef = scale * eigvecs[:, j, :]  # [d, k]: column (e, r) holds coef[e, r] at element e
         col = jnp.einsum("er,ef->erf", coef, jnp.eye(d, dtype=coef.dtype))
         col = col.reshape(d * k, *out_shape)
-        columns.append(_unbroadcast(col, u.shape))
-    return columns, jnp.sign(eigvals).reshape(d * k)
+        columns.append(_unbroadcast(col, u.shape).astype(u.dtype))
+    return columns, jnp.sign(eigvals).reshape(d * k).astype(hess.dtype)
 
 
 #: Most elements the residual columns of the exact Hessian diagonal may occupy, ``N`` examples

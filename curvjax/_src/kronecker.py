@@ -206,17 +206,18 @@ def _permutation_index(p: backprop.Pass, tap, k: int, slot: int, layout):
     """Canonical index of leaf ``k`` that reaches ``tap``'s parameter operand ``slot`` through a
     relayout (``None`` if that map is not a permutation, e.g. a transformed weight).
 
-    ``layout = (g, i, o, to_param)`` of the operand. Positions are pulled back in two halves so
-    that float32 represents them exactly.
+    ``layout = (g, i, o, to_param)`` of the operand. Positions are pulled back split into digits
+    that the operand's dtype represents exactly (:func:`~curvjax._src.leafwise.exact_digits`).
     """
     g, i, o, to_param = layout
     size = g * i * o
     values, vjp = leafwise._param_side(p, [tap], [k])
     dtype = p.outputs.dtype
     positions = np.arange(size)
+    digits, base = leafwise.exact_digits(size, [dtype, *(v.dtype for v in values[tap.id])])
     parts = []
     with jax.ensure_compile_time_eval():
-        for part in (positions // 4096, positions % 4096):
+        for part in digits:
             canon = to_param(jnp.asarray(part.reshape(g, i, o), dtype))
             cot = tuple(
                 canon.astype(v.dtype) if j == slot else jnp.zeros_like(v)
@@ -225,9 +226,7 @@ def _permutation_index(p: backprop.Pass, tap, k: int, slot: int, layout):
             parts.append(np.asarray(vjp({tap.id: cot})[0][0]))
     if parts[0].size != size:
         return None
-    index = (
-        np.round(parts[0]).astype(np.int64) * 4096 + np.round(parts[1]).astype(np.int64)
-    ).ravel()
+    index = leafwise.from_digits(parts, base).ravel()
     exact = all(np.array_equal(np.round(q), q) for q in parts)
     if not exact or not np.array_equal(np.sort(index), positions):
         return None

@@ -75,7 +75,41 @@ def _param_side(p: Pass, taps, leaf_ids):
             for t in taps
         }
 
-    return jax.vjp(fn, [base[k] for k in leaf_ids])
+    values, vjp = jax.vjp(fn, [base[k] for k in leaf_ids])
+
+    def pull_back(cotangents):
+        # quantities are accumulated in at least float32; a parameter input of lower precision
+        # (a leaf cast to bfloat16 inside the model) receives them rounded to its own dtype
+        return vjp(jax.tree.map(lambda c, v: c.astype(v.dtype), cotangents, values))
+
+    return values, pull_back
+
+
+def exact_digits(size: int, dtypes) -> tuple[list[np.ndarray], int]:
+    """``(digits, base)`` of the positions ``0 … size-1``, each digit exactly representable in
+    every dtype of ``dtypes`` (``position = Σ_j digits[j] base^j``).
+
+    Pulling positions back through a relayout of a parameter tells where each entry goes; the
+    positions travel as floats of the parameter's dtype, so they are split into digits small
+    enough for it (4096 for float32 and wider, 256 for bfloat16).
+    """
+    bits = min(int(jnp.finfo(d).nmant) + 1 for d in dtypes)
+    base = 2 ** min(bits, 12)
+    positions = np.arange(size)
+    digits = [positions % base]
+    rest = positions // base
+    while np.any(rest):
+        digits.append(rest % base)
+        rest = rest // base
+    return digits, base
+
+
+def from_digits(parts: list[np.ndarray], base: int) -> np.ndarray:
+    """The positions whose digits (see :func:`exact_digits`) are ``parts`` (floats, rounded)."""
+    total = np.zeros(np.shape(parts[0]), np.int64)
+    for j, part in enumerate(parts):
+        total = total + np.round(part).astype(np.int64) * base**j
+    return total
 
 
 def _to_leaf(p: Pass, tap, k: int, value, batched: bool):
@@ -109,6 +143,12 @@ def _slow_grads_fn(p: Pass, slow: list[int]):
 
     acts = {t.id: p.acts[t.id] for t in taps}
     return one, acts
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """``x`` in at least float32, so that squares and sums over examples of a bfloat16 model's
+    per-example gradients accumulate in float32."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _tap_id(tap) -> int:
@@ -321,7 +361,7 @@ def _sq_norms(p: Pass, keep: bool) -> tuple[list, dict]:
         one, acts = _slow_grads_fn(p, slow)
 
         def norms(xs):
-            grads = jax.vmap(one)(*xs)
+            grads = [_wide(g) for g in jax.vmap(one)(*xs)]
             return [jnp.sum(g**2, axis=tuple(range(1, g.ndim))) for g in grads]
 
         chunk = chunking.chunk_size(n, _slow_size(p, slow, 1))
@@ -366,7 +406,7 @@ def sum_sq(p: Pass, cols: dict, weights=None, direct=None, leaf_ids=None) -> lis
 
         def squares(xs):
             acts, cols, w, extra = xs
-            grads = jax.vmap(one)(acts, cols, extra)
+            grads = [_wide(g) for g in jax.vmap(one)(acts, cols, extra)]
             return [jnp.tensordot(w, g**2, axes=([0, 1], [0, 1])) for g in grads]
 
         chunk = chunking.chunk_size(n, _slow_size(p, slow, m))
@@ -386,7 +426,7 @@ def outer_sum(p: Pass, cols: dict, leaf_ids: list[int]) -> list:
     m = jax.tree.leaves(cols)[0].shape[1]
 
     def outers(xs):
-        grads = jax.vmap(one)(*xs)
+        grads = [_wide(g) for g in jax.vmap(one)(*xs)]
         flat = [g.reshape(-1, int(np.prod(g.shape[2:]))) for g in grads]
         return [f.T @ f for f in flat]
 
@@ -399,19 +439,19 @@ def canonical_index(p: Pass, tap, k: int, form) -> np.ndarray:
     """For each entry of leaf ``k`` (row-major), its position in the tap's canonical ``(G, I, O)``.
 
     The relayout from canonical order to the leaf is a permutation; it is applied to the positions
-    themselves, split in two halves so that float32 represents them exactly. It depends on static
-    shapes only and is evaluated at trace time: the result is a numpy array (static layout data).
+    themselves, split into digits that the parameter's dtype represents exactly
+    (:func:`exact_digits`). It depends on static shapes only and is evaluated at trace time: the
+    result is a numpy array (static layout data).
     """
     g, i = form.a.shape[1], form.a.shape[3]
     o = form.b.shape[-1]
     size = g * i * o
+    values, _ = _param_side(p, [tap], [k])
     dtype = p.outputs.dtype
-    positions = np.arange(size)
+    digits, base = exact_digits(size, [dtype, *(v.dtype for v in values[tap.id])])
     parts = []
     with jax.ensure_compile_time_eval():
-        for part in (positions // 4096, positions % 4096):
+        for part in digits:
             canon = jnp.asarray(part.reshape(g, i, o), dtype)
             parts.append(np.asarray(_to_leaf(p, tap, k, form.to_param(canon), batched=False)))
-    return (
-        np.round(parts[0]).astype(np.int32) * 4096 + np.round(parts[1]).astype(np.int32)
-    ).ravel()
+    return from_digits(parts, base).ravel().astype(np.int32)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from curvjax._src import backprop, chain, clipping, diagonals, kronecker, leafwise
 
@@ -42,6 +43,9 @@ class Quantity:
       per_leaf: the result is one value per float leaf.
       residuals: the pass must record the Hessian residual nodes.
       output_taps: ``output_taps(model) -> taps`` whose outputs the pass must make injectable.
+      leaf_dtype: the per-leaf values have the leaf's shape (or ``[N, *shape]``) and are returned
+        in the leaf's dtype; other values (norms, Kronecker factors) stay in the precision they
+        were accumulated in (at least float32).
     """
 
     name: str
@@ -53,6 +57,7 @@ class Quantity:
     per_leaf: bool = True
     residuals: bool = False
     output_taps: Callable | None = None
+    leaf_dtype: bool = False
 
 
 REGISTRY: dict[str, Quantity] = {}
@@ -220,7 +225,13 @@ def _output_taps(hooks) -> Callable | None:
 
 def result(p: backprop.Pass, name: str, value):
     """The public form of a quantity's value (a params-shaped pytree for per-leaf quantities)."""
-    return p.model.unflatten_float(value) if REGISTRY[name].per_leaf else value
+    quantity = REGISTRY[name]
+    if not quantity.per_leaf:
+        return value
+    if quantity.leaf_dtype:
+        leaves = p.model.float_leaves(p.params)
+        value = [v.astype(jnp.result_type(leaf)) for v, leaf in zip(value, leaves, strict=True)]
+    return p.model.unflatten_float(value)
 
 
 def compute_one(name: str, apply_fn, params, batch, **kwargs):
@@ -237,18 +248,22 @@ def _variance_from(sum_squared, gradient, num_examples: int):
 
 
 # --- the quantities --------------------------------------------------------------------------
-register(Quantity("per_example_grads", lambda c, _: leafwise.per_example_grads(c.p)))
+register(
+    Quantity("per_example_grads", lambda c, _: leafwise.per_example_grads(c.p), leaf_dtype=True)
+)
 register(Quantity("batch_l2", lambda c, _: leafwise.sq_norms(c.p)))
 register(
     Quantity(
         "sum_grad_squared",
         lambda c, _: leafwise.sum_sq(c.p, c.p.columns_of_gradient()),
+        leaf_dtype=True,
     )
 )
 register(
     Quantity(
         "variance",
         lambda c, _: _variance_from(c.value("sum_grad_squared"), c.p.grad, c.p.model.num_examples),
+        leaf_dtype=True,
     )
 )
 register(
@@ -261,7 +276,12 @@ register(
 )
 register(
     Quantity(
-        "ggn_diag", lambda c, parts: parts, vectors="exact", reduction="sum_sq", curvature=True
+        "ggn_diag",
+        lambda c, parts: parts,
+        vectors="exact",
+        reduction="sum_sq",
+        curvature=True,
+        leaf_dtype=True,
     )
 )
 register(
@@ -272,6 +292,7 @@ register(
         reduction="sum_sq",
         options={"mc_samples": 1},
         curvature=True,
+        leaf_dtype=True,
     )
 )
 register(
@@ -280,6 +301,7 @@ register(
         lambda c, _: diagonals.hessian_diag_of(c.p),
         curvature=True,
         residuals=True,
+        leaf_dtype=True,
     )
 )
 register(

@@ -10,6 +10,8 @@ with :func:`curvjax.register_rule`.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from curvjax._src import primitives
 from curvjax._src.rules import bilinear, generic
 
@@ -26,8 +28,10 @@ def has_bilinear_form(tap) -> bool:
 
 def bilinear_form(tap, acts, cots) -> bilinear.Form:
     """The tap's bilinear form; ``cots`` carry a column axis: ``[N, M, ...]``."""
-    form = fast_rule(tap).form(tap, acts, cots)
-    return bilinear.Form(*form)
+    a, b, to_param = fast_rule(tap).form(tap, acts, cots)
+    # sums over examples and positions accumulate in at least float32 (bfloat16 models)
+    wide = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    return bilinear.Form(a.astype(wide), b.astype(wide), to_param)
 
 
 def param_grads(tap, statics, acts, cots) -> tuple:
