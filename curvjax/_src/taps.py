@@ -437,14 +437,6 @@ class TracedModel:
                 f"{jax.tree.map(lambda s: s.shape, out_shape)}."
             )
         primitives.check_deterministic(closed.jaxpr)
-        if out_shape.shape[0] != 1:
-            raise ValueError(
-                "apply_fn, evaluated on one example (inputs with leading axis 1), returned outputs "
-                f"of shape {out_shape.shape} instead of (1, ...): something in it has the batch "
-                "size built in, typically an array with one row per example closed over (a "
-                "pre-drawn dropout mask, per-example data) and broadcast against the activations. "
-                "Pass per-example arrays through `inputs` (e.g. `inputs = (x, mask)`)."
-            )
         self.jaxpr = closed
         self.out_aval = out_shape
 
