@@ -16,6 +16,7 @@ import pytest
 import reference
 
 import curvjax
+import curvjax.spectral
 
 N, D, H, C = 6, 4, 5, 3
 QUANTITIES = ["per_example_grads", "batch_l2", "variance", "ggn_diag", "hessian_diag"]
@@ -131,3 +132,21 @@ def test_float32_params_float64_inputs():
     )
     for got, ref in zip(jax.tree.leaves(out["kflr"]), jax.tree.leaves(kflr64), strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7 * float(np.max(np.abs(ref))))
+
+
+def test_spectra_of_a_bfloat16_model_run_in_float32():
+    params, x, y = _problem()
+    p16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+
+    def f(p, x):
+        return jnp.tanh(x @ p["w1"] + p["b1"][None]) @ p["w2"]
+
+    op = curvjax.spectral.hessian_operator(f, p16, (x16, y))
+    assert op.dtype == jnp.float32
+    top = curvjax.spectral.top_eigenpairs(op, 2, key=jax.random.key(0))
+    p64 = jax.tree.map(lambda a: a.astype(jnp.float64), p16)
+    dense = reference.hessian_matrix(_model(jnp.float64), p64, (x16.astype(jnp.float64), y))
+    want = np.sort(np.linalg.eigvalsh(np.asarray(dense)))[::-1][:2]
+    # Hessian-vector products of a bfloat16 model: relative error of a few bfloat16 roundings
+    np.testing.assert_allclose(np.sort(np.asarray(top.eigenvalues))[::-1], want, rtol=BF16_RTOL)

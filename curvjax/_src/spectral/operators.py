@@ -48,6 +48,21 @@ class LinearOperator(NamedTuple):
         return jax.vmap(self.matvec)(jnp.eye(self.size, dtype=self.dtype)).T
 
 
+def _widened(op: LinearOperator) -> LinearOperator:
+    """``op`` on vectors of at least float32: Krylov methods and ``eigh`` of a bfloat16 model's
+    operator run in float32, its products in the model's own precision."""
+    narrow = op.dtype
+    wide = jnp.promote_types(narrow, jnp.float32)
+    if wide == narrow:
+        return op
+    return op._replace(
+        matvec=lambda v: op.matvec(v.astype(narrow)).astype(wide),
+        dtype=wide,
+        to_tree=lambda v: op.to_tree(v.astype(narrow)),
+        from_tree=lambda t: op.from_tree(t).astype(wide),
+    )
+
+
 def _flat(floats, to_tree, from_tree):
     """``(flat, unravel, to_tree, from_tree)`` of float leaves, the maps on flat vectors."""
     flat, unravel = ravel_pytree(floats)
@@ -90,7 +105,7 @@ def hessian_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction
     """
     _, flat, _, reduced, to_tree, from_tree = _model(apply_fn, params, batch, loss, reduction)
     _, matvec = jax.linearize(jax.grad(reduced), flat)
-    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+    return _widened(LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree))
 
 
 def _gauss_newton(outputs, flat, hessian_times, to_tree, from_tree):
@@ -101,7 +116,7 @@ def _gauss_newton(outputs, flat, hessian_times, to_tree, from_tree):
     def matvec(v):
         return transpose(hessian_times(out, jvp_fn(v)))[0]
 
-    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+    return _widened(LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree))
 
 
 def ggn_operator(apply_fn, params, batch, *, loss="cross_entropy", reduction="mean"):
@@ -173,7 +188,7 @@ def empirical_fisher_operator(apply_fn, params, batch, *, loss="cross_entropy", 
     def matvec(v):
         return transpose(objective.scale * jvp_fn(v))[0]
 
-    return LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree)
+    return _widened(LinearOperator(matvec, flat.size, flat.dtype, to_tree, from_tree))
 
 
 def diagonal_operator(diagonal, params):
@@ -207,12 +222,14 @@ def blocks_operator(blocks, params):
         ]
         return jnp.concatenate(parts)
 
-    return LinearOperator(
-        matvec,
-        flat.size,
-        flat.dtype,
-        to_tree,
-        from_tree,
-        eigenvalues=lambda: jnp.sort(jnp.concatenate([b.eigenvalues() for b in block_list])),
-        trace=lambda: sum(b.trace() for b in block_list),
+    return _widened(
+        LinearOperator(
+            matvec,
+            flat.size,
+            flat.dtype,
+            to_tree,
+            from_tree,
+            eigenvalues=lambda: jnp.sort(jnp.concatenate([b.eigenvalues() for b in block_list])),
+            trace=lambda: sum(b.trace() for b in block_list),
+        )
     )
