@@ -129,14 +129,7 @@ def _is_concrete(x) -> bool:
 
 
 def _check_finite(name: str, tree) -> None:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not _is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            continue
-        if not np.all(np.isfinite(np.asarray(leaf))):
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} contains NaN or Inf; curvjax would return "
-                "NaN quantities. Check the data and the parameters."
-            )
+    positions.check_finite(name, tree)
 
 
 def run(
@@ -156,6 +149,7 @@ def run(
     of those taps injectable (for KFRA).
     """
     inputs, targets, weights = positions.split_batch(batch)
+    positions.batch_size(inputs)
     model = taps_lib.TracedModel(apply_fn, params, inputs, residuals=residuals)
     mixing.check_no_batch_mixing(apply_fn, params, inputs)
     n = model.num_examples

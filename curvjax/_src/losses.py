@@ -181,9 +181,21 @@ class Loss:
 # -- target checks ----------------------------------------------------------------------------
 
 
+def _as_array(targets):
+    """Concrete targets as a numpy array; abstract ones (a ``jax.ShapeDtypeStruct``, the targets
+    under ``jit``) unchanged: their shape and dtype are checked, their values are not."""
+    if isinstance(targets, jax.ShapeDtypeStruct):
+        return targets
+    return np.asarray(targets)
+
+
+def _concrete(targets) -> bool:
+    return isinstance(targets, np.ndarray) and targets.size > 0
+
+
 def _check_labels(name: str, outputs, targets) -> None:
     """Integer labels ``[N, *P]`` in ``[0, C)``."""
-    targets = np.asarray(targets)
+    targets = _as_array(targets)
     expected = tuple(outputs.shape[:-1])
     if not np.issubdtype(targets.dtype, np.integer):
         raise ValueError(
@@ -197,7 +209,7 @@ def _check_labels(name: str, outputs, targets) -> None:
             f"{tuple(outputs.shape)}, got targets of shape {targets.shape}."
         )
     num_classes = outputs.shape[-1]
-    if targets.size and (targets.min() < 0 or targets.max() >= num_classes):
+    if _concrete(targets) and (targets.min() < 0 or targets.max() >= num_classes):
         raise ValueError(
             f"loss {name!r}: labels must lie in [0, {num_classes}) for a model with "
             f"{num_classes} outputs, got labels in [{targets.min()}, {targets.max()}]; "
@@ -206,7 +218,7 @@ def _check_labels(name: str, outputs, targets) -> None:
 
 
 def _dense_targets(name: str, outputs, targets, expected: tuple, what: str) -> np.ndarray:
-    targets = np.asarray(targets)
+    targets = _as_array(targets)
     if not (np.issubdtype(targets.dtype, np.number) or targets.dtype == np.bool_):
         raise ValueError(f"loss {name!r} takes numeric targets, got dtype {targets.dtype}.")
     if targets.shape != expected:
@@ -232,7 +244,7 @@ def _check_probabilities(name: str, outputs, targets) -> None:
             f"loss {name!r} takes floating-point probability targets, got dtype {targets.dtype}; "
             "use 'cross_entropy' for integer labels."
         )
-    if not targets.size:
+    if not _concrete(targets):
         return
     tol = _tolerance(targets.dtype)
     sums = targets.astype(np.float64).sum(-1)
@@ -249,7 +261,7 @@ def _check_unit_interval(name: str, outputs, targets) -> None:
     targets = _dense_targets(
         name, outputs, targets, tuple(outputs.shape), "targets in [0, 1] of shape [N, *P, C]"
     )
-    if targets.size and (targets.min() < 0 or targets.max() > 1):
+    if _concrete(targets) and (targets.min() < 0 or targets.max() > 1):
         raise ValueError(
             f"loss {name!r} takes targets in [0, 1] (one probability per output), got values in "
             f"[{targets.min()}, {targets.max()}]."
@@ -642,6 +654,23 @@ LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in (cross_entropy, soft_cross_entropy, sigmoid_binary_cross_entropy, gaussian_nll, mse)
 }
+
+
+_ABSTRACT_CHECKS = (
+    _check_labels,
+    _check_probabilities,
+    _check_unit_interval,
+    _check_gaussian,
+    _check_same_shape,
+)
+
+
+def checks_abstract_targets(loss: Loss) -> bool:
+    """Whether ``loss.check_targets`` also takes ``jax.ShapeDtypeStruct`` targets (the built-in
+    checks do: under ``jit`` they check the targets' shape and dtype; a user's check is called on
+    concrete targets only)."""
+    check = loss.check_targets
+    return isinstance(check, functools.partial) and check.func in _ABSTRACT_CHECKS
 
 
 def resolve(loss: str | Loss) -> Loss:

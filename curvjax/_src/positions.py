@@ -43,9 +43,51 @@ def split_batch(batch) -> tuple[Any, Any, Any]:
             "`batch` must be (inputs, targets) or (inputs, targets, weights), got "
             + type(batch).__name__
             + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
-            + "."
+            + "; pass a tuple such as `(x, y)` (weights [N] or [N, *P] as a third entry)."
         )
     return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+
+
+def batch_size(inputs) -> int:
+    """``N``, the leading axis shared by every leaf of ``inputs`` (at least one example)."""
+    shapes = [tuple(jnp.shape(a)) for a in jax.tree.leaves(inputs)]
+    if not shapes:
+        raise ValueError(
+            "`inputs` (batch[0]) contains no arrays; pass an array [N, ...] or a pytree of them."
+        )
+    if any(not s for s in shapes):
+        raise ValueError(
+            f"every leaf of `inputs` (batch[0]) needs a leading batch axis N, got shapes {shapes}; "
+            "add the axis (`x[None]` for one example) or move values shared by all examples "
+            "into `params` or into `apply_fn`."
+        )
+    sizes = sorted({s[0] for s in shapes})
+    if len(sizes) != 1:
+        raise ValueError(
+            f"the leaves of `inputs` (batch[0]) disagree on the batch size N: shapes {shapes}; "
+            "give every leaf one row per example, and move values shared by all examples into "
+            "`params` or into `apply_fn`."
+        )
+    if sizes[0] == 0:
+        raise ValueError(
+            f"the batch is empty (N = 0): `inputs` (batch[0]) has shapes {shapes}; pass at least "
+            "one example."
+        )
+    return sizes[0]
+
+
+def check_finite(name: str, tree) -> None:
+    """Raise if a concrete floating-point leaf of ``tree`` holds NaN or Inf (no-op under jit)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not _is_concrete(leaf) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        if not np.all(np.isfinite(np.asarray(leaf))):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} contains NaN or Inf; curvjax would return "
+                "NaN quantities. Check the data and the parameters: drop or impute the "
+                "non-finite entries (a padded example needs finite values and weight 0 in "
+                "batch[2])."
+            )
 
 
 class Columns(NamedTuple):
@@ -253,7 +295,8 @@ def objective(loss, reduction: str, outputs_struct, targets, weights=None) -> Ob
     shape = tuple(outputs_struct.shape)
     if len(shape) < 2:
         raise ValueError(
-            f"the model's outputs must be [N, C] or [N, *positions, C], got shape {shape}."
+            f"the model's outputs must be [N, C] or [N, *positions, C], got shape {shape}; "
+            "keep a trailing output axis in apply_fn (`out[:, None]` for one output per example)."
         )
     n, positions = shape[0], shape[1:-1]
     leaves = jax.tree.leaves(targets)
@@ -264,12 +307,24 @@ def objective(loss, reduction: str, outputs_struct, targets, weights=None) -> Ob
             raise ValueError(
                 f"the targets' leading axes must be [N, *P] = {(n, *positions)} (the batch size "
                 f"N of the inputs and the positions P of the outputs [N, *P, C] = {shape}), got "
-                f"targets of shape {jnp.shape(leaf)}."
+                f"targets of shape {jnp.shape(leaf)}; give one target per example (and position)."
             )
     w = _broadcast_weights(weights, n, positions, outputs_struct.dtype)
     scale = reduction_scale(reduction, w)
     if loss_fn.check_targets is not None and all(_is_concrete(t) for t in leaves):
         _check_valid_targets(loss_fn, shape, outputs_struct.dtype, targets, w, weights)
+    elif loss_fn.check_targets is not None and losses_lib.checks_abstract_targets(loss_fn):
+        # under jit: the targets' shapes and dtypes (their values are not known)
+        rows = n * math.prod(positions)
+        abstract = jax.tree.map(
+            lambda t: jax.ShapeDtypeStruct(
+                (rows, *jnp.shape(t)[1 + len(positions) :]), jnp.result_type(t)
+            ),
+            targets,
+        )
+        loss_fn.check_targets(
+            jax.ShapeDtypeStruct((rows, shape[-1]), outputs_struct.dtype), abstract
+        )
     return Objective(loss_fn, scale, targets, w, positions)
 
 

@@ -70,14 +70,20 @@ class WholeBatch(NamedTuple):
 def whole_batch(apply_fn: ApplyFn, params: PyTree, batch: Batch, loss, reduction) -> WholeBatch:
     """The :class:`WholeBatch` of ``batch`` (targets and weights checked against the outputs)."""
     inputs, targets, weights = positions.split_batch(batch)
+    positions.batch_size(inputs)
     floats, merge, to_tree, from_tree = float_split(params)
     out_struct = jax.eval_shape(apply_fn, params, inputs)
     if not isinstance(out_struct, jax.ShapeDtypeStruct):
         raise ValueError(
             "apply_fn(params, inputs) must return one array of shape [N, C] or "
-            f"[N, *positions, C], got {jax.tree.map(lambda s: s.shape, out_struct)}."
+            f"[N, *positions, C], got {jax.tree.map(lambda s: s.shape, out_struct)}; return "
+            "only the outputs the loss takes (wrap a model with auxiliary outputs: "
+            "`lambda p, x: model(p, x)[0]`)."
         )
     objective = positions.objective(loss, reduction, out_struct, targets, weights)
+    positions.check_finite("inputs", inputs)
+    positions.check_finite("targets", targets)
+    positions.check_finite("params", params)
 
     def outputs(fl):
         return apply_fn(merge(fl), inputs)

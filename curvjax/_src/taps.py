@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvjax._src import primitives
+from curvjax._src import positions, primitives
 
 STATIC_CONST, STATIC_PARAM, ACTIVATION = 0, 1, 2
 
@@ -434,7 +434,9 @@ class TracedModel:
             raise ValueError(
                 "apply_fn(params, inputs) must return one array of shape [N, C] or "
                 "[N, *positions, C]; for a single example it returned "
-                f"{jax.tree.map(lambda s: s.shape, out_shape)}."
+                f"{jax.tree.map(lambda s: s.shape, out_shape)}. Return only the outputs the loss "
+                "takes (wrap a model with auxiliary outputs: `lambda p, x: model(p, x)[0]`), "
+                "with a trailing output axis (`out[:, None]` for one output per example)."
             )
         primitives.check_deterministic(closed.jaxpr)
         self.jaxpr = closed
@@ -526,13 +528,4 @@ class TracedModel:
 
 
 def _batch_size(x_leaves) -> int:
-    sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in x_leaves}
-    if None in sizes:
-        raise ValueError("every leaf of `inputs` needs a leading batch axis; got a scalar leaf.")
-    if len(sizes) != 1:
-        shapes = [jnp.shape(a) for a in x_leaves]
-        raise ValueError(f"the leaves of `inputs` disagree on the batch size: shapes {shapes}.")
-    (n,) = sizes
-    if n == 0:
-        raise ValueError("the batch is empty (N = 0).")
-    return n
+    return positions.batch_size(x_leaves)
