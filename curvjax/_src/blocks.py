@@ -25,6 +25,17 @@ per feature group (``π = 1`` while either trace is not positive). Powers of the
 taken in the eigenbases of ``A`` and ``B``: ``(Q_A ⊗ Q_B) diag(s^p) (Q_A ⊗ Q_B)ᵀ`` with
 ``s_ij = (a_i + π√c)(b_j + √c/π)`` (factored) or ``s_ij = a_i b_j + c`` (exact damping).
 
+Resolution floor. An eigendecomposition or Cholesky factorisation of a factor in a floating-point
+type with machine epsilon ``ε`` (``2⁻²³`` in float32) resolves its eigenvalues only to about
+``ε ‖A‖ ≤ ε tr(A)``: the zero eigenvalues of a rank-deficient factor (fewer examples than inputs)
+come out as ``±ε ‖A‖``. The damping added to each factor is therefore at least ``ε tr(A)``
+(``ε tr(B)``), and negative eigenvalues of the (positive semi-definite) Kronecker factors count
+as zero: ``(max(a_i, 0) + max(π√c, ε tr A))(max(b_j, 0) + max(√c/π, ε tr B))``. Dense blocks
+get ``max(c, ε Σ|m_i|)``. The floor only acts when the requested damping is below the
+resolution of the dtype (e.g. ``λ = 10⁻⁸`` on float32 factors of trace ``10³``), where the
+requested inverse cannot be represented; in float64 it is ``2·10⁻¹⁶ tr`` and changes nothing in
+practice.
+
 The block-tridiagonal K-FAC inverse needs ``(A ⊗ B - C ⊗ D)⁻¹`` with ``A, B`` positive definite
 and ``C, D`` positive semi-definite (Martens & Grosse 2015, §4.3 and appendix B): with the
 generalised eigendecompositions ``P_1ᵀ A P_1 = I``, ``P_1ᵀ C P_1 = diag(s)`` and
@@ -111,12 +122,31 @@ def kronecker_pi(a: jax.Array, b: jax.Array) -> jax.Array:
     return trace_norm_pi(mean_a, mean_b)
 
 
+def resolution(values_abs_sum: jax.Array) -> jax.Array:
+    """``ε Σ|λ_i|``: the smallest eigenvalue shift a factorisation in this dtype resolves."""
+    return jnp.finfo(values_abs_sum.dtype).eps * values_abs_sum
+
+
+def factored_shifts(a: jax.Array, b: jax.Array, damping) -> tuple[jax.Array, jax.Array]:
+    """``(max(π√c, ε tr A), max(√c/π, ε tr B))`` per group for factors ``[G, I, I]``, ``[G, O, O]``.
+
+    The factored Tikhonov damping added to each factor, floored at the factor's resolution (the
+    module docstring); the traces are of ``|A|``'s diagonal (equal to ``tr A`` for a covariance).
+    """
+    root = jnp.sqrt(jnp.asarray(damping, a.dtype))
+    pi = kronecker_pi(a, b)
+    abs_a = jnp.sum(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)), axis=-1)
+    abs_b = jnp.sum(jnp.abs(jnp.diagonal(b, axis1=-2, axis2=-1)), axis=-1)
+    return jnp.maximum(pi * root, resolution(abs_a)), jnp.maximum(root / pi, resolution(abs_b))
+
+
 def generalized_eigh(a: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(P, s)`` with ``Pᵀ a P = I`` and ``Pᵀ c P = diag(s)``, for ``a`` positive definite.
 
     With ``a = U diag(e) Uᵀ`` and ``R = U diag(e^{-1/2})``: ``s, E = eigh(Rᵀ c R)``, ``P = R E``.
     """
     e, u = jnp.linalg.eigh(a)
+    e = jnp.maximum(e, resolution(jnp.sum(jnp.abs(e))))  # round-off of a near-singular ``a``
     r = u * (1.0 / jnp.sqrt(e))[None, :]
     m = r.T @ c @ r
     s, vectors = jnp.linalg.eigh(0.5 * (m + m.T))
@@ -126,7 +156,9 @@ def generalized_eigh(a: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
 def kronecker_difference_solve(p1, s1, p2, s2, x: jax.Array) -> jax.Array:
     """``(A ⊗ B - C ⊗ D)⁻¹ vec(X)`` for ``X [I, O]`` from :func:`generalized_eigh` of both pairs."""
     rotated = p1.T @ x @ p2
-    denominator = 1.0 - s1[:, None] * s2[None, :]
+    # ``0 ≤ s, t < 1`` in exact arithmetic; round-off can push ``s t`` to 1 or beyond
+    eps = jnp.finfo(rotated.dtype).eps
+    denominator = jnp.maximum(1.0 - s1[:, None] * s2[None, :], eps)
     return p1 @ (rotated / denominator) @ p2.T
 
 
@@ -347,16 +379,16 @@ class KroneckerBlock(CurvatureBlock):
         if not factored:
             return super().damped_solve(v, damping, factored=False)
         canon = self.to_canonical(v)
-        root = jnp.sqrt(jnp.asarray(damping, canon.dtype))
-        pi = kronecker_pi(self.a, self.b)
+        shift_a, shift_b = factored_shifts(self.a, self.b, damping)
 
-        def one(a, b, x, pi):
-            a_chol = jax.scipy.linalg.cho_factor(a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype))
-            b_chol = jax.scipy.linalg.cho_factor(b + root / pi * jnp.eye(b.shape[0], dtype=b.dtype))
+        def one(a, b, x, da, db):
+            a_chol = jax.scipy.linalg.cho_factor(a + da * jnp.eye(a.shape[0], dtype=a.dtype))
+            b_chol = jax.scipy.linalg.cho_factor(b + db * jnp.eye(b.shape[0], dtype=b.dtype))
             left = jax.scipy.linalg.cho_solve(a_chol, x)
             return jax.scipy.linalg.cho_solve(b_chol, left.T).T
 
-        return self.from_canonical(jax.vmap(one)(self.a, self.b, canon, pi), jnp.shape(v))
+        solved = jax.vmap(one)(self.a, self.b, canon, shift_a, shift_b)
+        return self.from_canonical(solved, jnp.shape(v))
 
     def prior_root(self, std):
         g, i, o = self.canonical_shape
@@ -445,9 +477,14 @@ class KroneckerEigh(CurvatureBlock):
         )
 
     def _damped_factors(self, damping):
+        """``max(a, 0) + max(π√c, ε Σ|a|)`` and the same for ``b`` (module docstring)."""
         root = jnp.sqrt(jnp.asarray(damping, self.a_values.dtype))
         pi = trace_norm_pi(jnp.mean(self.a_values, axis=-1), jnp.mean(self.b_values, axis=-1))
-        return self.a_values + (pi * root)[:, None], self.b_values + (root / pi)[:, None]
+        floor_a = resolution(jnp.sum(jnp.abs(self.a_values), axis=-1))
+        floor_b = resolution(jnp.sum(jnp.abs(self.b_values), axis=-1))
+        a_damped = jnp.maximum(self.a_values, 0.0) + jnp.maximum(pi * root, floor_a)[:, None]
+        b_damped = jnp.maximum(self.b_values, 0.0) + jnp.maximum(root / pi, floor_b)[:, None]
+        return a_damped, b_damped
 
     def damped_scaling(self, damping, *, factored: bool = True):
         """``[G, I, O]``: ``(a_i + π√c)(b_j + √c/π)`` (factored) or ``a_i b_j + c``."""
@@ -519,7 +556,8 @@ class DenseBlock(CurvatureBlock):
         """``(M + c I)⁻¹ v`` by a Cholesky solve (``factored`` has no effect)."""
         del factored
         eye = jnp.eye(self.matrix.shape[0], dtype=self.matrix.dtype)
-        factor = jax.scipy.linalg.cho_factor(self.matrix + damping * eye)
+        shift = jnp.maximum(damping, resolution(jnp.sum(jnp.abs(jnp.diagonal(self.matrix)))))
+        factor = jax.scipy.linalg.cho_factor(self.matrix + shift * eye)
         return jax.scipy.linalg.cho_solve(factor, v.reshape(-1)).reshape(jnp.shape(v))
 
     def conform(self, block, leaf_shape):
@@ -568,12 +606,13 @@ class DenseEigh(CurvatureBlock):
         return DenseEigh(jnp.clip(self.values, 0.0), self.vectors)
 
     def damped_scaling(self, damping, *, factored: bool = True):
+        """``m_i + max(c, ε Σ|m_i|)`` (the resolution floor of the module docstring)."""
         del factored
-        return self.values + damping
+        return self.values + jnp.maximum(damping, resolution(jnp.sum(jnp.abs(self.values))))
 
     def damped_power(self, v, damping, power=-1.0, *, factored: bool = True):
         del factored
-        return self._in_basis(v, (self.values + damping) ** power)
+        return self._in_basis(v, self.damped_scaling(damping) ** power)
 
     def damped_inverse_sqrt(self, damping, *, factored: bool = True, scale=1.0):
         return DenseRoot(self.vectors, scale / jnp.sqrt(self.damped_scaling(damping)))

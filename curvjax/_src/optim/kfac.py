@@ -202,7 +202,8 @@ class _Core:
     def refresh(self, factors, damping):
         if self.block == "tridiagonal":
             return tridiagonal.tridiagonal_inverse(factors, damping)
-        return blocks_lib.map_blocks(lambda b: b.eigh(), factors)
+        # the factors are covariances: negative eigenvalues are round-off and count as zero
+        return blocks_lib.map_blocks(lambda b: b.eigh().nonnegative(), factors)
 
     def direction(self, inverse, factors, grads, params, damping):
         """``(F̆ + c I)⁻¹ grads`` (factored damping ``c`` for the diagonal blocks)."""
@@ -315,6 +316,8 @@ def scale_by_kfac(
       Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
       curvature", ICML 2015, §4.2-4.3, §5 (moving averages), §6.3 (factored Tikhonov damping).
     """
+    pre.check_scalar("damping", damping)
+    pre.check_scalar("l2", l2)
     core = _Core(
         apply_fn, example_inputs, block, quantity, loss, reduction, mc_samples, approximation
     )
@@ -332,6 +335,17 @@ def scale_by_kfac(
         return direction, ScaleByKfacState(state.count + 1, factors, inverse)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _unit(tree):
+    """``tree / ‖tree‖`` (zero stays zero), scaled by the largest entry first so nothing overflows."""
+    leaves = jax.tree.leaves(tree)
+    dtype = jnp.result_type(*leaves)
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
+    top = jnp.where(top > 0, top, 1)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x / top)) for x in leaves))
+    norm = jnp.where(norm > 0, norm, 1)
+    return jax.tree.map(lambda x: (x / top / norm).astype(x.dtype), tree)
 
 
 def _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction):
@@ -369,15 +383,33 @@ def quadratic_model_coefficients(q, grad_dots, vector_dots, damping, use_momentu
       use_momentum: traced bool, whether to solve the 2-D system.
     """
     m = q + damping * vector_dots
-    alpha_1d = -grad_dots[0] / m[0, 0]
+    # ΔᵀCΔ = 0 only for Δ = 0 (a zero gradient): no step, not 0/0
+    positive = m[0, 0] > 0
+    alpha_1d = jnp.where(positive, -grad_dots[0] / jnp.where(positive, m[0, 0], 1.0), 0.0)
     if q.shape[0] == 1:
         return alpha_1d, jnp.zeros_like(alpha_1d)
     det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-    ok = use_momentum & (det > 1e-12 * jnp.abs(m[0, 0] * m[1, 1]))
+    # the determinant carries a rounding error of about ε m₀₀ m₁₁: solve the 2×2 system only
+    # where it is resolved (float64: the historical 1e-12; float32: 100 ε ≈ 1.2e-5)
+    tol = max(1e-12, 100 * float(jnp.finfo(m.dtype).eps))
+    ok = use_momentum & (det > tol * jnp.abs(m[0, 0] * m[1, 1]))
     safe = jnp.where(ok, det, 1.0)
     alpha = -(m[1, 1] * grad_dots[0] - m[0, 1] * grad_dots[1]) / safe
     mu = -(m[0, 0] * grad_dots[1] - m[1, 0] * grad_dots[0]) / safe
     return jnp.where(ok, alpha, alpha_1d), jnp.where(ok, mu, 0.0)
+
+
+def reduction_ratio(h_new, h_old, predicted):
+    """``ρ = (h(θ+δ) - h(θ)) / (M(δ) - M(0))``, safe where the quotient means nothing.
+
+    The undamped model change ``M(δ) - M(0)`` of the minimiser of the damped model is ``≤ 0``.
+    ``0`` (no step, e.g. a zero gradient) gives ``ρ = NaN`` (no evidence: ``λ`` is kept); a
+    positive or non-finite value (round-off or overflow in the model), or a non-finite
+    ``h(θ+δ)``, gives ``ρ = -∞`` (the model failed: ``λ`` grows).
+    """
+    valid = (predicted < 0) & jnp.isfinite(predicted) & jnp.isfinite(h_new)
+    ratio = (h_new - h_old) / jnp.where(valid, predicted, -1.0)
+    return jnp.where(valid, ratio, jnp.where(predicted == 0, jnp.nan, -jnp.inf))
 
 
 def levenberg_marquardt(damping, rho, omega, min_damping):
@@ -431,6 +463,15 @@ def kfac(
     Simplifications: the factored Tikhonov damping uses ``γ = √(λ+η)`` directly (no separate
     greedy search over ``γ``, §6.6), and with ``block="tridiagonal"`` the preconditioner keeps the
     damping of its last refresh.
+
+    **Numerics** (float32 included). The factors' eigendecompositions treat negative
+    eigenvalues as round-off (zero) and each factor's damping is at least ``ε tr`` of the factor
+    (``ε`` the dtype's machine epsilon; see :func:`precondition_by_curvature`), so ``λ`` down to
+    ``min_damping`` gives a finite preconditioner even for rank-deficient float32 factors. A zero
+    gradient gives ``α = 0`` (a zero step). ``ρ`` is NaN (``λ`` kept) when the model predicts no
+    change and ``-∞`` (``λ`` grows) when the predicted change is positive or non-finite, or
+    ``h(θ + δ)`` is not finite. A step with a non-finite entry is rejected: the update and the
+    stored ``δ₀`` are zero and ``λ ← λ/ω``.
 
     **Calling ``update``** (inside the caller's ``jax.jit``): ``batch=`` is always needed (for the
     quadratic model and ``ρ``). *One pass*: ``update(grads, state, params, curvature=c,
@@ -494,6 +535,9 @@ def kfac(
     )
     if adaptation_interval < 1:
         raise ValueError(f"`adaptation_interval` must be ≥ 1, got {adaptation_interval}.")
+    pre.check_scalar("damping", damping, positive=True)
+    pre.check_scalar("l2", l2)
+    pre.check_scalar("min_damping", min_damping)
     omega = damping_decay**adaptation_interval
 
     def init(params):
@@ -523,7 +567,9 @@ def kfac(
         )
         proposal = jax.tree.map(jnp.negative, precond)  # Δ = -F̆⁻¹ ∇h
         previous = state.previous_update
-        vectors = (proposal, previous) if momentum else (proposal,)
+        # (α, μ) are solved for the unit vectors Δ/‖Δ‖, δ₀/‖δ₀‖ (the step αΔ + μδ₀ is the same):
+        # a long Δ (tiny damping) would overflow ΔᵀGΔ in float32
+        vectors = (_unit(proposal), _unit(previous)) if momentum else (_unit(proposal),)
         q, value, loss_at = _ggn_quadratic(apply_fn, params, batch, vectors, loss, reduction)
         dots = jnp.stack([jnp.stack([optax.tree.vdot(u, w) for w in vectors]) for u in vectors])
         grad_dots = jnp.stack([optax.tree.vdot(grads, v) for v in vectors])
@@ -540,7 +586,7 @@ def kfac(
             h_old = value + 0.5 * l2 * optax.tree.vdot(params, params)
             moved = jax.tree.map(jnp.add, params, step)
             h_new = loss_at(step) + 0.5 * l2 * optax.tree.vdot(moved, moved)
-            rho = (h_new - h_old) / predicted
+            rho = reduction_ratio(h_new, h_old, predicted)
             return levenberg_marquardt(lam, rho, omega, min_damping).astype(lam.dtype), rho.astype(
                 lam.dtype
             )
@@ -550,6 +596,12 @@ def kfac(
             new_lam, rho = jax.lax.cond(due, adapt, lambda: (lam, state.rho))
         else:
             new_lam, rho = lam, state.rho
+        # a non-finite step (overflow, or a NaN gradient) is rejected: zero update, no momentum,
+        # and λ grows as for a failed step
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(step)]))
+        step = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), step)
+        if adapt_damping:
+            new_lam = jnp.where(finite, new_lam, lam / omega).astype(lam.dtype)
         new_state = KfacState(state.count + 1, new_lam, factors, inverse, step, rho)
         return step, new_state
 

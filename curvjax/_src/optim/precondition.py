@@ -28,6 +28,23 @@ def add_l2(grads, params, l2):
     return jax.tree.map(lambda g, p: g + l2 * p, grads, params)
 
 
+def check_scalar(name: str, value, *, positive: bool = False) -> None:
+    """Raise if a concrete ``value`` is negative (or, with ``positive``, not positive).
+
+    Traced values (inside ``jit``) are not checked.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return
+    if positive and not number > 0:
+        raise ValueError(f"`{name}` must be positive, got {value}: pass a value > 0.")
+    if not number >= 0:
+        raise ValueError(f"`{name}` must be non-negative, got {value}: pass a value ≥ 0.")
+
+
 def apply_damped_inverse(inverse, vector: jax.Array, damping) -> jax.Array:
     """``(G + c I)⁻¹ v`` for one leaf from a block or its eigendecomposed form (Kronecker: factored).
 
@@ -123,7 +140,10 @@ def precondition_by_curvature(
     * ``None`` (non-float leaves): the update passes through unchanged.
 
     Negative entries of ``hessian_diag`` are used as they are (no clipping): choose ``λ`` so that
-    ``G + λ + η`` stays positive.
+    ``G + λ + η`` stays positive. For Kronecker and dense blocks the damping of each factor is at
+    least ``ε tr`` of the factor (``ε`` the machine epsilon of its dtype), the smallest shift a
+    Cholesky factorisation in that dtype resolves: in float32 a tiny ``λ`` (say ``10⁻⁸``) on
+    rank-deficient factors (fewer examples than inputs) gives finite directions.
 
     **Two ways to call ``update``** (both inside the caller's ``jax.jit``):
 
@@ -171,6 +191,8 @@ def precondition_by_curvature(
     """
     if quantity is not None and quantity not in QUANTITIES:
         raise ValueError(f"unknown `quantity` {quantity!r}; use one of {QUANTITIES}.")
+    check_scalar("damping", damping)
+    check_scalar("l2", l2)
 
     def init(params):
         del params

@@ -29,7 +29,8 @@ through two generalised eigendecompositions (``kronecker_difference_solve`` of t
 
 Damping (the factored Tikhonov damping of §6.3 on the diagonal factors): ``Ā_{l,l}`` and
 ``G_{l,l}`` are replaced everywhere by ``Ā_{l,l} + π_l √c I`` and ``G_{l,l} + √c/π_l I``
-(``c = λ + η``); the cross factors are not damped. Since every ``F̃`` built from one set of
+(``c = λ + η``; each shift at least ``ε tr`` of its factor, the resolution of the dtype, as in
+the blocks module); the cross factors are not damped. Since every ``F̃`` built from one set of
 per-example vectors (or a moving average of such) is a principal submatrix of a Tracy-Singh
 product of two positive semi-definite matrices, the ``Σ_{l|l+1}`` stay positive definite.
 
@@ -69,12 +70,12 @@ class TridiagonalInverse(NamedTuple):
 
 def tridiagonal_inverse(factors: ChainFactors, damping) -> TridiagonalInverse:
     """Precompute the damped ``F̂⁻¹`` of the module docstring (``damping`` is ``c = λ + η``)."""
-    root = jnp.sqrt(jnp.asarray(damping, factors.a[0].dtype))
     a_damped, g_damped = [], []
     for a, g in zip(factors.a, factors.g, strict=True):
-        pi = blocks_lib.kronecker_pi(a[None], g[None])[0]
-        a_damped.append(a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype))
-        g_damped.append(g + root / pi * jnp.eye(g.shape[0], dtype=g.dtype))
+        # π√c and √c/π, floored at the factors' resolution ε tr (see the blocks module)
+        shift_a, shift_g = blocks_lib.factored_shifts(a[None], g[None], damping)
+        a_damped.append(a + shift_a[0] * jnp.eye(a.shape[0], dtype=a.dtype))
+        g_damped.append(g + shift_g[0] * jnp.eye(g.shape[0], dtype=g.dtype))
     psi_a, psi_g, c_a, c_g = [], [], [], []
     for k, (ac, gc) in enumerate(zip(factors.a_cross, factors.g_cross, strict=True)):
         pa = jnp.linalg.solve(a_damped[k + 1], ac.T).T  # Ā_{k,k+1} Ā_{k+1,k+1}⁻¹
