@@ -25,6 +25,7 @@ from curvjax._src.first_order import (
     variance,
 )
 from curvjax._src.inspection import LeafReport, ModelReport, TapReport, inspect
+from curvjax._src.mixing import assume_independent_examples
 from curvjax._src.primitives import Registration, register_rule
 from curvjax._src.products import ggn_matrix, ggn_vp, hessian_matrix, hvp
 from curvjax._src.rules.bilinear import Form as BilinearForm
@@ -44,6 +45,7 @@ __all__ = [
     "ModelReport",
     "Registration",
     "TapReport",
+    "assume_independent_examples",
     "batch_l2",
     "block_to_dense",
     "blocks_to_dense",

@@ -34,6 +34,8 @@ its source line, so that such a miss is never silent.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,7 +45,7 @@ import jax
 from jax.extend import source_info_util
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 
-__all__ = ["check_no_batch_mixing", "find_batch_mixing"]
+__all__ = ["assume_independent_examples", "check_no_batch_mixing", "find_batch_mixing"]
 
 Stride = int | None
 
@@ -53,6 +55,39 @@ class UnknownPrimitiveWarning(UserWarning):
 
 
 _STRICT = False  # tests set this to surface errors inside rules instead of ignoring them
+_ASSUMED = contextvars.ContextVar("curvjax_assume_independent_examples", default=False)
+
+
+@contextlib.contextmanager
+def assume_independent_examples():
+    """Skip the batch-mixing check: the caller vouches that examples do not interact.
+
+    Every per-example quantity (and the optimizers and spectral operators built on them) first
+    checks, from the model's jaxpr at the real batch size, that output ``n`` depends on input
+    ``n`` alone, and refuses a model that combines examples. The check is structural, so it can
+    raise for a model that touches the batch axis in a way that happens not to mix examples, e.g.
+    one that processes the batch in two halves, ``concatenate([f(x[:h]), f(x[h:])])``. Inside
+    this context (or in a function decorated with it) the check, and its warning about
+    primitives without a rule, are skipped; the quantities are then computed from the model
+    evaluated one example at a time, which is only correct if the claim holds. The check runs
+    while tracing, so the context must enclose the first call of a jitted function.
+
+    Example:
+      >>> import jax.numpy as jnp, curvjax
+      >>> def apply_fn(p, x):  # the batch in two halves: flagged, but example-independent
+      ...     h = x.shape[0] // 2
+      ...     return jnp.concatenate([x[:h] @ p, x[h:] @ p])
+      >>> p, x, y = jnp.ones((3, 2)), jnp.ones((4, 3)), jnp.zeros(4, dtype=int)
+      >>> with curvjax.assume_independent_examples():
+      ...     norms = curvjax.batch_l2(apply_fn, p, (x, y))
+      >>> norms.shape
+      (4,)
+    """
+    token = _ASSUMED.set(True)
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)
 
 
 class _Context:
@@ -518,19 +553,53 @@ def while_rule(eqn, ins, ctx):
     return _none(eqn) if outs is None else outs
 
 
+def _tainted(jaxpr: Jaxpr, tainted: Sequence[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` may depend on the inputs marked ``tainted`` (conservative)."""
+    marked = {v for v, t in zip(jaxpr.invars, tainted, strict=True) if t}
+    for eqn in jaxpr.eqns:
+        if any(not hasattr(v, "val") and v in marked for v in eqn.invars):
+            marked.update(eqn.outvars)
+    return [not hasattr(v, "val") and v in marked for v in jaxpr.outvars]
+
+
 def scan_rule(eqn, ins, ctx):
     nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
-    xs = []
+    length, jaxpr = eqn.params["length"], eqn.params["jaxpr"]
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    xs, over_examples = [], []
     for v, s in zip(eqn.invars[nc + ncarry :], ins[nc + ncarry :], strict=True):
-        if s is not None and math.prod(_shape(v)[1:]) % (s * ctx.n):
-            return _none(eqn)  # scanning over the examples themselves: stop tracking
-        xs.append(s)
+        over = s is not None and math.prod(_shape(v)[1:]) % (s * ctx.n) != 0
+        if over and _locate(_shape(v), s, ctx.n) != (0, 1):
+            return _none(eqn)  # the examples split over the scanned axis and another: give up
+        over_examples.append(over)
+        xs.append(None if over else s)  # one example per step: its slice is followed by taint
     consts, init = list(ins[:nc]), list(ins[nc : nc + ncarry])
     outs = _fixed_point(
         ctx, init, lambda carry, c: _inner(c, eqn, eqn.params["jaxpr"], consts + carry + xs)
     )
     if outs is None:
         return _none(eqn)
+    if any(over_examples):
+        # A scan whose steps are the examples: the step's slice is one example. Whatever the
+        # carry takes from it reaches the following examples; the per-step outputs that depend on
+        # the slice (and not on other batched data) are per-example again, row t being example t.
+        tainted = [False] * (nc + ncarry) + over_examples
+        for _ in range(ncarry + 1):  # a carry tainted in one step taints the next
+            flows = _tainted(jaxpr, tainted)
+            carry_flows = flows[:ncarry]
+            if carry_flows == tainted[nc : nc + ncarry]:
+                break
+            tainted[nc : nc + ncarry] = [
+                a or b for a, b in zip(tainted[nc : nc + ncarry], carry_flows, strict=True)
+            ]
+        if any(flows[:ncarry]):
+            ctx.report(eqn, "carries state from one example to the next (a scan over the examples)")
+            return _none(eqn)
+        ys = [
+            math.prod(_shape(v)[1:]) if f and s is None and length == ctx.n else None
+            for v, s, f in zip(eqn.outvars[ncarry:], outs[ncarry:], flows[ncarry:], strict=True)
+        ]
+        return [None] * ncarry + ys
     ys = [
         None if s is None or math.prod(_shape(v)[1:]) % (s * ctx.n) else s
         for v, s in zip(eqn.outvars[ncarry:], outs[ncarry:], strict=True)
@@ -703,6 +772,8 @@ def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
       >>> import jax.numpy as jnp
       >>> check_no_batch_mixing(lambda p, x: x @ p, jnp.ones((3, 2)), jnp.ones((4, 3)))
     """
+    if _ASSUMED.get():
+        return  # the caller vouches for the model (assume_independent_examples)
     found, unknown = model_report(apply_fn, params, inputs)
     _warn_unknown(unknown)
     if found:
@@ -716,5 +787,7 @@ def check_no_batch_mixing(apply_fn: Callable, params: Any, inputs: Any) -> None:
             "averages (flax `nn.BatchNorm(use_running_average=True)`, equinox `BatchNorm` in "
             "inference mode) when computing curvjax quantities, or replace it by LayerNorm / "
             "GroupNorm. Other operations across the batch axis (means over examples, attention "
-            "between examples) must be removed from apply_fn."
+            "between examples) must be removed from apply_fn. If the model does not combine "
+            "examples after all (e.g. it processes the batch in parts), compute the quantities "
+            "inside `with curvjax.assume_independent_examples():`."
         )
