@@ -328,6 +328,18 @@ def test_missing_key(name):
             MC_CALLS[name]()
 
 
+@pytest.mark.parametrize("name", ["ggn_diag_mc", "kfac", "chain_factors", "fisher_operator"])
+@pytest.mark.parametrize(
+    "key", [0, jax.random.split(jax.random.key(0), 2)], ids=["int_seed", "batch_of_keys"]
+)
+def test_key_that_is_not_one_key(name, key):
+    """A seed or a batch of keys where one key is expected: a TypeError naming `key`."""
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key from `jax.random.key\(seed\)`"):
+        MC_CALLS[name](key=key)
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key"):  # traced: the same check
+        jax.jit(lambda k: MC_CALLS[name](key=k))(key)
+
+
 # -- what must work: one example, non-float leaves --------------------------------------------
 
 
@@ -434,6 +446,9 @@ def test_under_jit_shapes_are_checked_values_are_not():
         jitted(X, Y.astype(jnp.float64))
     # values are tracers under jit: a NaN input gives NaN, silently (use checkify, below)
     assert np.isnan(np.asarray(jitted(_NAN_X, Y)["w1"])).any()
+    # ... and an out-of-range label is clamped to the nearest class by JAX's gather (a known
+    # limitation, pinned here: the result equals that of the clamped labels; use checkify)
+    _close(jitted(X, Y.at[0].set(C + 3)), jitted(X, Y.at[0].set(C - 1)))
 
 
 def test_checkify_recipe_catches_nan_under_jit():

@@ -226,6 +226,12 @@ class Objective(NamedTuple):
         """``[N, M, *P, C]`` Monte-Carlo columns, ``E[S̃ S̃ᵀ] = κ ⊕_p w_{n,p} ∇²ℓ_{n,p}``."""
         if key is None:
             raise ValueError("Monte-Carlo quantities need `key=jax.random.key(...)`.")
+        if not _is_key(key):
+            raise TypeError(
+                "`key` must be a PRNG key from `jax.random.key(seed)` (or a legacy "
+                f"`jax.random.PRNGKey(seed)`), got {_describe(key)}; "
+                "for a seed use `key=jax.random.key(seed)`."
+            )
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
         keys = jax.random.split(key, outputs.shape[0])
@@ -237,6 +243,20 @@ class Objective(NamedTuple):
         """``[N, *P, C]``: ``κ ⊕_p w_{n,p} ∇²ℓ_{n,p} u_{n,p}`` (the GGN's loss-Hessian step)."""
         h_u = jax.vmap(self._example_hessian_times)(outputs, self.targets, self.weights, u)
         return (self.scale * h_u).astype(outputs.dtype)
+
+
+def _is_key(key) -> bool:
+    if not isinstance(key, jax.Array):
+        return False
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == ()
+    return key.dtype == jnp.uint32 and key.shape == (2,)
+
+
+def _describe(x) -> str:
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return f"{type(x).__name__} {x!r}"
 
 
 def _broadcast_weights(weights, n: int, positions: tuple, dtype):
