@@ -335,9 +335,10 @@ def test_masked_positions_contribute_nothing():
     new_targets = jnp.where(padded, (targets + 7) % SMALL.vocab_size, targets)
     assert int(jnp.sum(new_targets != targets)) == int(padded.sum()) > 0
 
-    def perturbed(p, x):  # padded logits moved and made to depend on the parameters differently
+    def perturbed(p, inputs):  # padded logits moved and made to depend on the parameters
+        x, m = inputs  # the mask travels with each example (a closed-over [N, T] mask would not)
         logits = apply_fn(p, x)
-        return logits + (1.0 - mask)[:, :, None] * (3.0 * jnp.tanh(logits) ** 2 + 1.0)
+        return logits + (1.0 - m)[:, :, None] * (3.0 * jnp.tanh(logits) ** 2 + 1.0)
 
     names = ["per_example_grads", "batch_l2", "ggn_diag", "ggn_diag_mc", "kfac", "kflr"]
 
@@ -351,8 +352,10 @@ def test_masked_positions_contribute_nothing():
 
     base = _jit(functools.partial(quantities, apply_fn))(params, (tokens, targets, mask))
     changed = _jit(functools.partial(quantities, apply_fn))(params, (tokens, new_targets, mask))
-    moved = _jit(functools.partial(quantities, perturbed))(params, (tokens, targets, mask))
-    assert float(jnp.max(jnp.abs(perturbed(params, tokens) - apply_fn(params, tokens)))) > 0.5
+    moved = _jit(functools.partial(quantities, perturbed))(params, ((tokens, mask), targets, mask))
+    assert (
+        float(jnp.max(jnp.abs(perturbed(params, (tokens, mask)) - apply_fn(params, tokens)))) > 0.5
+    )
     for other, what in [(changed, "new targets"), (moved, "new logits")]:
         for name in ["loss", "grad", *names, "hvp", "ggn_vp"]:
             want, got = jax.tree.leaves(base[name]), jax.tree.leaves(other[name])

@@ -219,12 +219,6 @@ def _masked_apply(p, inputs):
     return (jnp.tanh(x @ p["w"]) * mask) @ p["v"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not refused yet: the one-example evaluation returns N rows and curvjax reads row 0 "
-    "for every example (a silently wrong number); the check in TracedModel waits for "
-    "tests/test_lm.py::test_masked_positions_contribute_nothing to pass its mask through inputs",
-)
 def test_mask_drawn_outside_and_closed_over_is_refused():
     # a [N, 5] mask closed over broadcasts against one example's [1, 5] activations: evaluated
     # per example the model would return N rows and curvjax would read the wrong numbers

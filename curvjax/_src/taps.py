@@ -439,6 +439,14 @@ class TracedModel:
                 "with a trailing output axis (`out[:, None]` for one output per example)."
             )
         primitives.check_deterministic(closed.jaxpr)
+        if out_shape.shape[0] != 1:
+            raise ValueError(
+                "apply_fn, evaluated on one example (inputs with leading axis 1), returned outputs "
+                f"of shape {out_shape.shape} instead of (1, ...): something in it has the batch "
+                "size built in, typically an array with one row per example closed over (a "
+                "pre-drawn dropout mask, per-example data) and broadcast against the activations. "
+                "Pass per-example arrays through `inputs` (e.g. `inputs = (x, mask)`)."
+            )
         self.jaxpr = closed
         self.out_aval = out_shape
 
