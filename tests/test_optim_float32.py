@@ -330,3 +330,63 @@ def test_kfac_digits_300_steps_float32():
 def test_negative_damping_is_refused(make):
     with pytest.raises(ValueError, match="damping|l2"):
         make()
+
+
+# ---------------------------------------------------------------------------- step rejection
+
+
+def test_reduction_ratio_edge_values():
+    from curvjax._src.optim.kfac import reduction_ratio
+
+    assert float(reduction_ratio(0.5, 1.0, -1.0)) == pytest.approx(0.5)
+    assert np.isnan(float(reduction_ratio(1.0, 1.0, 0.0)))  # no step: no evidence
+    assert float(reduction_ratio(0.5, 1.0, 1e-9)) == -np.inf  # impossible model change
+    assert float(reduction_ratio(jnp.inf, 1.0, -1.0)) == -np.inf
+    assert float(reduction_ratio(0.5, 1.0, jnp.nan)) == -np.inf
+
+
+@pytest.mark.parametrize(("curvature_scale", "rejected"), [(0.02, True), (50.0, False)])
+def test_reject_failed_steps(curvature_scale, rejected):
+    """A declared curvature ``s`` times the true one: ``s ≪ 1`` overshoots so far that ``h``
+    grows (ρ < 0, recomputed here in float64 from the true loss): the step is rejected (zero
+    update and momentum, λ/ω at once); ``s ≫ 1`` undershoots (ρ > 0): the step is the one without the
+    option."""
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.standard_normal((4, 3))), "b": jnp.zeros(3)}
+    x = jnp.asarray(rng.standard_normal((6, 4)))
+    batch = (x, jnp.asarray(rng.standard_normal((6, 3))))
+    declared = curvjax.losses.Loss(
+        name="scaled_mse",
+        value=lambda f, y: jnp.sum((f - y) ** 2),
+        hessian_factor=lambda f, y: jnp.sqrt(2.0 * curvature_scale) * jnp.eye(f.shape[0]),
+    )
+    apply = lambda p, x: x @ p["w"] + p["b"][None, :]  # noqa: E731
+    lam, omega = 1e-3, 0.9
+    kwargs = dict(damping=lam, inverse_interval=1, adaptation_interval=5, damping_decay=omega)
+    kwargs.update(quantity="kflr", loss=declared, momentum=False)
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.sum((apply(p, x) - batch[1]) ** 2, axis=-1))
+
+    grads = jax.grad(loss)(params)
+    steps = {}
+    for flag in (False, True):
+        opt = kfac(apply, x, reject_failed_steps=flag, **kwargs)
+        steps[flag] = jax.jit(lambda s, p, opt=opt: opt.update(grads, s, p, batch=batch))(
+            opt.init(params), params
+        )
+    plain, _ = steps[False]
+    update, state = steps[True]
+    moved = optax.apply_updates(params, plain)
+    grew = float(loss(moved)) > float(loss(params))
+    assert grew == rejected
+    assert (float(state.rho) < 0) == rejected
+    if rejected:
+        assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(update))
+        assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(state.previous_update))
+        # ω of the rule is damping_decay ** T₁
+        assert float(state.damping) == pytest.approx(lam / omega**5, rel=1e-12)
+    else:  # not an adaptation step (T₁ = 5): λ unchanged, the same update
+        for u, v in zip(jax.tree.leaves(update), jax.tree.leaves(plain), strict=True):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+        assert float(state.damping) == lam
