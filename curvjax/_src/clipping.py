@@ -100,6 +100,8 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
     group_of_leaf, labels = _groups(p, groups)
     limits = _clip_norms(clip_norm, labels, groups)
     kappa = p.objective.scale
+    # 1/κ; κ = 0 only for an all-masked token-mean batch under jit, whose sums are all zero
+    inverse = jnp.where(kappa > 0, 1.0 / jnp.where(kappa > 0, kappa, 1.0), 0.0)
     sq, kept = leafwise.sq_norms_keeping(p)  # ‖g_n‖² per float leaf, g_n = κ ĝ_n
     n = p.model.num_examples
     dtype = p.outputs.dtype
@@ -111,12 +113,12 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
         for k, g in enumerate(group_of_leaf):
             if g == group:
                 total = total + sq[k]
-        norm = jnp.sqrt(total) / kappa
+        norm = jnp.sqrt(total) * inverse
         limit = jnp.asarray(limit, dtype)
         over = norm > limit
         factor = jnp.where(over, limit / jnp.where(over, norm, 1), 1)
         norms.append(norm)
-        factors.append(factor / kappa)  # the pass's cotangents are those of κ ℓ_n
+        factors.append(factor * inverse)  # the pass's cotangents are those of κ ℓ_n
         fractions.append(jnp.sum(over & real) / count)
     grads = leafwise.weighted_grad_sums(p, factors, group_of_leaf, skip=kept)
     for k, parts in kept.items():

@@ -294,7 +294,10 @@ def reduction_scale(reduction: str, weights: Array):
                 "reduction='token_mean' divides by the sum of the weights, which is 0 here "
                 "(every position is masked)."
             )
-        return 1.0 / jnp.sum(weights)
+        # under jit an all-masked batch cannot raise: κ = 0 makes its loss and every quantity 0,
+        # as a trainer's `(loss * mask).sum() / max(mask.sum(), 1)` does, instead of 0/0 = NaN
+        total = jnp.sum(weights)
+        return jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
     raise ValueError(
         f"unsupported reduction {reduction!r}: use 'mean' (over examples), 'sum' or "
         "'token_mean' (over weighted positions)."
