@@ -328,7 +328,9 @@ def test_missing_key(name):
             MC_CALLS[name]()
 
 
-@pytest.mark.parametrize("name", ["ggn_diag_mc", "kfac", "chain_factors", "fisher_operator"])
+@pytest.mark.parametrize(
+    "name", ["ggn_diag_mc", "kfac", "chain_factors", "fisher_operator", "hessian_diag_hutchinson"]
+)
 @pytest.mark.parametrize(
     "key", [0, jax.random.split(jax.random.key(0), 2)], ids=["int_seed", "batch_of_keys"]
 )

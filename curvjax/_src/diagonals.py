@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curvjax._src import backprop, leafwise, primitives, products
+from curvjax._src import backprop, leafwise, positions, primitives, products
 from curvjax._src import taps as taps_lib
 
 # --- exact Hessian diagonal -----------------------------------------------------------------
@@ -289,8 +289,7 @@ def _reduce(p: backprop.Pass, out_parts, probe_parts, weight_parts, direct=None,
 
 def hutchinson_diag(apply_fn, params, batch, *, loss, reduction, key, mc_samples):
     """``mean_s v_s ⊙ ∇²L v_s`` with Rademacher ``v_s`` (forward-over-reverse products)."""
-    if key is None:
-        raise ValueError("method='hutchinson' needs `key=jax.random.key(...)`.")
+    positions.check_key(key, "hessian_diag(method='hutchinson') and its Rademacher probes")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
     w = products.whole_batch(apply_fn, params, batch, loss, reduction)

@@ -90,6 +90,18 @@ def check_finite(name: str, tree) -> None:
             )
 
 
+def check_key(key, needed_by: str) -> None:
+    """Raise unless ``key`` is one PRNG key (``needed_by`` names what samples with it)."""
+    if key is None:
+        raise ValueError(f"{needed_by} need `key=jax.random.key(...)`.")
+    if not _is_key(key):
+        raise TypeError(
+            "`key` must be a PRNG key from `jax.random.key(seed)` (or a legacy "
+            f"`jax.random.PRNGKey(seed)`), got {_describe(key)}; "
+            "for a seed use `key=jax.random.key(seed)`."
+        )
+
+
 class Columns(NamedTuple):
     """``count`` output-cotangent columns made a chunk at a time.
 
@@ -224,14 +236,7 @@ class Objective(NamedTuple):
 
     def mc_columns(self, key, outputs: Array, mc_samples: int) -> Array:
         """``[N, M, *P, C]`` Monte-Carlo columns, ``E[S̃ S̃ᵀ] = κ ⊕_p w_{n,p} ∇²ℓ_{n,p}``."""
-        if key is None:
-            raise ValueError("Monte-Carlo quantities need `key=jax.random.key(...)`.")
-        if not _is_key(key):
-            raise TypeError(
-                "`key` must be a PRNG key from `jax.random.key(seed)` (or a legacy "
-                f"`jax.random.PRNGKey(seed)`), got {_describe(key)}; "
-                "for a seed use `key=jax.random.key(seed)`."
-            )
+        check_key(key, "Monte-Carlo quantities")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"`mc_samples` must be a positive integer, got {mc_samples!r}.")
         keys = jax.random.split(key, outputs.shape[0])
