@@ -153,6 +153,12 @@ MIXING_FUNCTIONS = {
     )[1],
     "lax_map_reading_the_whole_batch": lambda x: lax.map(lambda xi: xi * x.sum(0), x),
     "permutation_from_the_data": lambda x: x[jnp.argsort(x[:, 0])],
+    "gather_by_indices_from_the_data": lambda x: x[(x[:, 0] > 0).astype(int)],
+    "reorder_examples_at_fixed_indices": lambda x: jnp.take(x, jnp.arange(5)[::-1], axis=0),
+    "fixed_permutation_inside_jit": jax.jit(lambda x: x[jnp.array([1, 0, 2, 4, 3])]),
+    "gather_example_axis_by_data_with_iota_elsewhere": lambda x: x[
+        (x[:, 0] > 0).astype(int), jnp.arange(5)
+    ],
 }
 
 
@@ -172,6 +178,10 @@ FIRST_REPORTED = {  # the primitive named by the first report; reduce_sum where 
     "scatter_across_examples": "scatter",
     "scan_over_examples_carrying_state": "scan",
     "permutation_from_the_data": "sort",
+    "gather_by_indices_from_the_data": "gather",
+    "reorder_examples_at_fixed_indices": "gather",
+    "fixed_permutation_inside_jit": "gather",
+    "gather_example_axis_by_data_with_iota_elsewhere": "gather",
     "softmax_over_examples": "reduce_max",
     "sort_over_examples": "sort",
     "sum_over_examples_by_einsum": "dot_general",
@@ -409,6 +419,12 @@ LEGITIMATE_FUNCTIONS = {
     ),
     "per_example_gather": lambda x: jnp.take_along_axis(x, jnp.argsort(x, axis=1), axis=1),
     "lax_map_over_examples": lambda x: lax.map(lambda xi: xi - xi.mean(), x),
+    "identity_gather_of_examples": lambda x: jnp.take(x, jnp.arange(x.shape[0]), axis=0),
+    "identity_gather_inside_jit": lambda x: jax.jit(lambda x, i: x[i])(x, jnp.arange(5)),
+    "pick_a_feature_per_example": lambda x: x[jnp.arange(x.shape[0]), jnp.argmax(x, axis=1)],
+    "pick_features_per_example_2d": lambda x: x[
+        jnp.arange(5)[:, None], jnp.argsort(x, axis=1)[:, :3]
+    ],
     "scan_over_examples_with_a_counter": lambda x: lax.scan(
         lambda c, xi: (c + 1.0, xi * c), jnp.zeros(()), x
     )[1],
@@ -535,6 +551,26 @@ def test_unknown_primitive_warns_through_extract_and_not_when_assumed():
             curvjax.extract(fn, params, (x, y), ["batch_l2"])
 
 
+def test_gather_of_other_examples_is_refused_and_per_example_picks_are_exact():
+    params, x, y = _mlp_data()
+
+    def shuffled(p, x):  # example n reads example idx[n]
+        return _mlp(p, x[(x[:, 0] > 0).astype(int)])
+
+    with pytest.raises(ValueError, match="`gather` reads other examples' rows"):
+        curvjax.extract(shuffled, params, (x, y), ["batch_l2"])
+
+    def picked(p, x):  # row n picks its own feature argmax(x_n): per-example
+        h = jnp.tanh(x @ p["w"])
+        return h[jnp.arange(x.shape[0]), jnp.argmax(x, axis=1)][:, None] * p["v"][0][None]
+
+    out = curvjax.extract(picked, params, (x, y), ["per_example_grads"], reduction="sum")
+    grads, loss, grad = _per_example_reference(picked, params, x, y)
+    np.testing.assert_allclose(out["loss"], loss, rtol=1e-10)  # float64, as above
+    assert_tree_close(out["per_example_grads"], grads, params, rtol=1e-10)
+    assert_tree_close(out["grad"], grad, params, rtol=1e-10)
+
+
 def test_scan_over_examples_carrying_state_is_refused_through_extract():
     params, x, y = _mlp_data()
 
@@ -544,10 +580,6 @@ def test_scan_over_examples_carrying_state_is_refused_through_extract():
 
     with pytest.raises(ValueError, match="`scan` carries state from one example to the next"):
         curvjax.extract(running, params, (x, y), ["batch_l2"])
-
-
-def _gather_by_index_from_the_data(p, x):  # example n reads example idx[n]
-    return _mlp(p, x[(x[:, 0] > 0).astype(int)])
 
 
 def _loop_over_examples(p, x):  # example n reads example n - 1, one at a time
@@ -567,12 +599,12 @@ def _closed_over_mask_cut_to_the_batch(p, x):  # every example gets row 0 when e
 @pytest.mark.xfail(
     strict=True,
     reason="known limitation, documented in extract's docstring: the check follows data, not "
-    "index values, so gathers and loops that index examples, and per-example arrays closed over "
+    "index values, so loops that index examples one by one, and per-example arrays closed over "
     "and cut to the batch size, go unnoticed (and the per-example numbers are wrong)",
 )
 @pytest.mark.parametrize(
     "apply_fn",
-    [_gather_by_index_from_the_data, _loop_over_examples, _closed_over_mask_cut_to_the_batch],
+    [_loop_over_examples, _closed_over_mask_cut_to_the_batch],
 )
 def test_known_misses(apply_fn):
     # Wanted: refused, or the per-example gradients of the batch function (the gradient of the

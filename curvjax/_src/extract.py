@@ -47,14 +47,13 @@ def extract(
     outside and pass it per example in ``inputs`` (``inputs = (x, mask)``), which is exact.
 
     Output ``n`` must depend on input ``n`` alone. A model that combines examples (BatchNorm with
-    batch statistics, a mean, sort or attention over the batch, a scan over the examples that
-    carries state) is refused with an error naming the operation; a primitive the check has no
-    rule for is named in an ``UnknownPrimitiveWarning``. The check follows the data, not index
-    values: it misses a gather of rows of the batch by index arrays (``x[idx]``, unless ``idx``
-    came from an operation across examples such as an ``argsort`` over the batch), a loop that
-    indexes examples one by one, and per-example arrays closed over and cut to the batch size
-    (``mask[: x.shape[0]]``: pass them in ``inputs``). For a false alarm (a model that processes
-    the batch in parts), compute inside ``with curvjax.assume_independent_examples():``.
+    batch statistics, a mean, sort or attention over the batch, ``x[idx]`` reading other
+    examples' rows, a scan over the examples that carries state) is refused with an error naming
+    the operation; a primitive the check has no rule for is named in an
+    ``UnknownPrimitiveWarning``. Known misses: a loop that takes examples out one by one, and
+    per-example arrays closed over and cut to the batch size (``mask[: x.shape[0]]``: pass them
+    in ``inputs``). For a false alarm (e.g. a model that processes the batch in parts), compute
+    inside ``with curvjax.assume_independent_examples():``.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.

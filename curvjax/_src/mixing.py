@@ -24,10 +24,16 @@ Each primitive has a small rule (its ``mixing`` entry in :mod:`curvjax._src.prim
 strides of its outputs and reports the equation when it combines examples: elementwise operations
 whose operands index examples differently, reductions / cumulative ops / sorts / pooling over the
 example axis, ``dot_general`` contracting it or pairing two batched operands, convolutions over it,
-and slicing, padding, concatenating or reversing it. Nested jaxprs (``jit``, ``custom_jvp_call``,
+slicing, padding, concatenating or reversing it, gathers that read rows of the example axis at
+indices that are not the example's own (``x[idx]``; ``h[jnp.arange(N), idx]`` is recognised as
+per-example by following how the indices were built), and scans over the examples whose carry
+takes data from the step's example. Nested jaxprs (``jit``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``remat``, ``closed_call``, ``cond``, ``scan``, ``while``) are entered.
 Cases the rules cannot follow stop the tracking of their outputs (the outputs are treated as
-independent of the examples): the detector prefers a miss to a false alarm. A primitive without a
+independent of the examples): the detector prefers a miss to a false alarm. Known misses: loops
+that take examples out one by one (``dynamic_slice`` at a loop counter), and arrays with a row
+per example that are not inputs (closed over, cut to the batch size). A false alarm is silenced
+with :func:`assume_independent_examples`. A primitive without a
 rule that receives batched data is reported by an :class:`UnknownPrimitiveWarning` naming it and
 its source line, so that such a miss is never silent.
 """
@@ -99,6 +105,10 @@ class _Context:
         self.scope = ""
         self.where = ""
         self.unknown_lines: list[str] = []
+        # how values were built, for index arithmetic: variable -> the equation computing it,
+        # and the variables of entered calls -> the caller's operands
+        self.producers: dict = {}
+        self.aliases: dict = {}
 
     def unknown(self, eqn: JaxprEqn) -> None:
         """Record an equation of a primitive without a mixing rule that receives batched data."""
@@ -441,12 +451,108 @@ def gather_rule(eqn, ins, ctx):
             places.append((out_batch[dn.start_indices_batching_dims[k]], q))
         elif j in kept and sizes[j] == operand[j]:
             places.append((dn.offset_dims[kept.index(j)], q))
+        elif ins[1] is not None and j in dn.start_index_map and q == 1:
+            # Per-example indices into the example axis: legitimate only where they pick example
+            # n for row n, as ``h[jnp.arange(N), idx]`` does (the example axis indexed by iota).
+            axis, k = _locate(indices, ins[1], ctx.n)[0], list(dn.start_index_map).index(j)
+            if not _is_example_index(ctx, eqn.invars[1], axis, {len(indices) - 1: k}):
+                ctx.report(eqn, "reads other examples' rows, at indices computed from the data")
+                return [None]
+        elif ins[1] is None and j in dn.start_index_map and q == 1:
+            # Fixed indices into the example axis: the identity (``x[jnp.arange(N)]``) or not.
+            k = list(dn.start_index_map).index(j)
+            rows = [
+                a
+                for a in range(len(indices) - 1)
+                if _is_example_index(ctx, eqn.invars[1], a, {len(indices) - 1: k})
+            ]
+            if not rows:
+                ctx.report(eqn, "selects or reorders examples at fixed indices")
+                return [None]
+            places.append((out_batch[rows[0]], 1))
         else:
             return [None]  # indexing into the example axis: data dependent, stop tracking
     if len(places) == 2 and places[0] != places[1]:
         ctx.report(eqn, "pairs the indices of one example with the data of another")
         return [None]
     return [_place(out, *places[0])]
+
+
+def _resolve(ctx, var):
+    """The caller's operand behind an input of an entered call (``var`` itself otherwise)."""
+    while not hasattr(var, "val") and var in ctx.aliases:
+        var = ctx.aliases[var]
+    return var
+
+
+def _is_example_index(ctx, var, axis: int, fixed: dict[int, int]) -> bool:
+    """Whether ``var[..., i_axis, ...]`` (other coordinates as in ``fixed``) equals ``i_axis``.
+
+    Follows how the value was built (iota along ``axis``, broadcasts, concatenations, casts and
+    jnp's normalisation of negative indices) in the current jaxpr; anything else: False.
+    """
+    for _ in range(64):
+        if hasattr(var, "val"):
+            return False
+        if var in ctx.aliases:  # an input of an entered call: the caller's operand
+            var = ctx.aliases[var]
+            continue
+        if var not in ctx.producers:
+            return False
+        eqn = ctx.producers[var]
+        name, p, shape = eqn.primitive.name, eqn.params, _shape(var)
+        inner = p.get("jaxpr", p.get("call_jaxpr"))
+        if inner is not None and name not in ("scan", "while", "cond"):
+            # an output of a call (jnp functions are jitted): follow it inside
+            inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+            if len(inner.outvars) != len(eqn.outvars) or len(inner.invars) != len(eqn.invars):
+                return False
+            ctx.producers.update((v, e) for e in inner.eqns for v in e.outvars)
+            ctx.aliases.update(zip(inner.invars, eqn.invars, strict=True))
+            var = inner.outvars[eqn.outvars.index(var)]
+            continue
+        if name == "iota":
+            return p["dimension"] == axis and shape[axis] == ctx.n
+        if name in ("convert_element_type", "copy", "copy_p"):
+            var = eqn.invars[0]
+        elif name == "broadcast_in_dim":
+            dims, src = p["broadcast_dimensions"], _shape(eqn.invars[0])
+            if axis not in dims or src[dims.index(axis)] != shape[axis]:
+                return False
+            fixed = {
+                dims.index(d): (0 if src[dims.index(d)] == 1 else i)
+                for d, i in fixed.items()
+                if d in dims
+            }
+            var, axis = eqn.invars[0], dims.index(axis)
+        elif name == "concatenate":
+            d = p["dimension"]
+            if d not in fixed:
+                return False
+            start = 0
+            for piece in eqn.invars:
+                size = _shape(piece)[d]
+                if start <= fixed[d] < start + size:
+                    var, fixed = piece, {**fixed, d: fixed[d] - start}
+                    break
+                start += size
+        elif name == "select_n" and len(eqn.invars) == 3:
+            # jnp's ``where(i < 0, i + size, i)``: the value is ``i`` for a non-negative ``i``
+            pred, first, second = (_resolve(ctx, v) for v in eqn.invars)
+            lt, add = ctx.producers.get(pred), ctx.producers.get(second)
+            if not (
+                lt is not None
+                and add is not None
+                and lt.primitive.name == "lt"
+                and add.primitive.name == "add"
+                and _resolve(ctx, lt.invars[0]) is first
+                and _resolve(ctx, add.invars[0]) is first
+            ):
+                return False
+            var = first
+        else:
+            return False
+    return False
 
 
 def scatter_rule(eqn, ins, ctx):
@@ -506,7 +612,10 @@ def _inner(ctx, eqn, jaxpr, ins):
 
 def call_rule(param):
     def rule(eqn, ins, ctx):
-        outs = _inner(ctx, eqn, eqn.params[param], ins)
+        inner = eqn.params[param]
+        inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+        ctx.aliases.update(zip(inner.invars, eqn.invars, strict=False))
+        outs = _inner(ctx, eqn, inner, ins)
         return outs if len(outs) == len(eqn.outvars) else _none(eqn)
 
     return rule
@@ -525,6 +634,7 @@ def _fixed_point(ctx, init, body):
     for _ in range(2 * len(carry) + 2):
         trial = _Context(ctx.n)
         trial.scope, trial.where = ctx.scope, ctx.where
+        trial.producers, trial.aliases = ctx.producers, ctx.aliases
         outs = body(carry, trial)
         changed = False
         for i, new in enumerate(outs[: len(carry)]):
@@ -624,6 +734,7 @@ def _propagate(jaxpr: Jaxpr, ins: Sequence[Stride], ctx: _Context) -> list[Strid
                 raise
             return _none(eqn)
 
+    ctx.producers.update((v, eqn) for eqn in jaxpr.eqns for v in eqn.outvars)
     return primitives.walk(jaxpr, (None,) * len(jaxpr.constvars), ins, step, literal=_no_stride)
 
 
