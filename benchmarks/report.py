@@ -7,7 +7,7 @@ Usage::
     python benchmarks/report.py --results DIR --output FILE
 
 For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``, ``transformer``,
-``private``) it writes one
+``private``, ``fuzz``) it writes one
 current table per machine (``results/<experiment>-<machine>.json``: the newest run on that
 machine, CPU or GPU) with the machine described. Older runs are only in the changelog at the end:
 the files ``results/history/*.json`` (where ``harness.write_results`` moves a result it replaces),
@@ -36,6 +36,7 @@ EXPERIMENTS = (
     ("optimizers", "Second-order optimizers against kfac-jax and Adam (`optimizers.py`)"),
     ("transformer", "A GPT-style language model against curvlinops (`transformer.py`)"),
     ("private", "Per-example clipping for DP-SGD against jax-privacy and Opacus (`private.py`)"),
+    ("fuzz", "Random models against float64 references (`fuzz.py`)"),
 )
 
 MIB = 2.0**20
@@ -325,6 +326,32 @@ def private_table(document: dict[str, Any]) -> str:
     return "\n\n".join(blocks + notes)
 
 
+def fuzz_table(document: dict[str, Any]) -> str:
+    """The fuzzing run: models checked, time, failures, Hessian outcomes and the grammar used."""
+    seconds = document.get("seconds_per_model", {})
+    hessian = document.get("hessian_diag", {})
+    lines = [
+        "| models checked | finished | time s | median s / model | failures | exact hessian_diag "
+        "| refused hessian_diag |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        f"| {document['models_checked']} | {_yes_no(document.get('finished'))} "
+        f"| {_fmt(document.get('seconds_total'), 0)} | {_fmt(seconds.get('median'), 1)} "
+        f"| {len(document.get('failures', []))} | {hessian.get('exact', 0)} "
+        f"| {hessian.get('refused', 0)} |",
+        "",
+        "Largest relative error per quantity: "
+        + ", ".join(f"{k} {_sci(v)}" for k, v in document.get("worst_relative_error", {}).items())
+        + f" (tolerance {_sci(document.get('settings', {}).get('rtol'))}; kflr / kfac: asymmetry).",
+        "",
+        "Productions of the grammar used (count over all models): "
+        + ", ".join(f"{k} {v}" for k, v in document.get("productions", {}).items())
+        + ".",
+    ]
+    for failure in document.get("failures", []):
+        lines += ["", f"- **{failure['error']}** `{failure['spec']}`"]
+    return "\n".join(lines)
+
+
 def machine_text(document: dict[str, Any]) -> str:
     """The machine, the versions, the load and the date of one run, as a paragraph."""
     env = document.get("environment", {})
@@ -385,6 +412,8 @@ def document_tables(document: dict[str, Any]) -> str:
         return transformer_table(document)
     if experiment == "private":
         return private_table(document)
+    if experiment == "fuzz":
+        return fuzz_table(document)
     # spectrum.py and optimizers.py store their tables as printed (they have several shapes).
     return document.get("markdown", "(no tables in this file)")
 
