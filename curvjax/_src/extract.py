@@ -48,12 +48,12 @@ def extract(
 
     Output ``n`` must depend on input ``n`` alone. A model that combines examples (BatchNorm with
     batch statistics, a mean, sort or attention over the batch, ``x[idx]`` reading other
-    examples' rows, a scan over the examples that carries state) is refused with an error naming
-    the operation; a primitive the check has no rule for is named in an
-    ``UnknownPrimitiveWarning``. Known misses: a loop that takes examples out one by one, and
-    per-example arrays closed over and cut to the batch size (``mask[: x.shape[0]]``: pass them
-    in ``inputs``). For a false alarm (e.g. a model that processes the batch in parts), compute
-    inside ``with curvjax.assume_independent_examples():``.
+    examples' rows, a scan over the examples that carries state, a closed-over array with a row
+    per example such as ``mask[: x.shape[0]]``: pass it in ``inputs``) is refused with an error
+    naming the operation; a primitive the check has no rule for is named in an
+    ``UnknownPrimitiveWarning``. Known miss: a loop that takes examples out one by one at its
+    counter. For a false alarm (e.g. a model that processes the batch in parts), compute inside
+    ``with curvjax.assume_independent_examples():``.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.

@@ -26,13 +26,16 @@ whose operands index examples differently, reductions / cumulative ops / sorts /
 example axis, ``dot_general`` contracting it or pairing two batched operands, convolutions over it,
 slicing, padding, concatenating or reversing it, gathers that read rows of the example axis at
 indices that are not the example's own (``x[idx]``; ``h[jnp.arange(N), idx]`` is recognised as
-per-example by following how the indices were built), and scans over the examples whose carry
-takes data from the step's example. Nested jaxprs (``jit``, ``custom_jvp_call``,
+per-example by following how the indices were built), scans over the examples whose carry
+takes data from the step's example, and elementwise operations pairing example ``n`` with row
+``n`` of an array that is not an input (a closed-over array whose rows differ, or an ``iota``
+along the example axis: evaluated one example at a time, every example would get row 0).
+Nested jaxprs (``jit``, ``custom_jvp_call``,
 ``custom_vjp_call``, ``remat``, ``closed_call``, ``cond``, ``scan``, ``while``) are entered.
 Cases the rules cannot follow stop the tracking of their outputs (the outputs are treated as
 independent of the examples): the detector prefers a miss to a false alarm. Known misses: loops
 that take examples out one by one (``dynamic_slice`` at a loop counter), and arrays with a row
-per example that are not inputs (closed over, cut to the batch size). A false alarm is silenced
+per example passed as parameters. A false alarm is silenced
 with :func:`assume_independent_examples`. A primitive without a
 rule that receives batched data is reported by an :class:`UnknownPrimitiveWarning` naming it and
 its source line, so that such a miss is never silent.
@@ -48,6 +51,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import source_info_util
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn
 
@@ -109,6 +113,7 @@ class _Context:
         # and the variables of entered calls -> the caller's operands
         self.producers: dict = {}
         self.aliases: dict = {}
+        self.consts: dict = {}  # closed-over arrays of the traced model: constvar -> value
 
     def unknown(self, eqn: JaxprEqn) -> None:
         """Record an equation of a primitive without a mixing rule that receives batched data."""
@@ -184,7 +189,81 @@ def elementwise_rule(eqn, ins, ctx):
         ctx.report(eqn, "combines operands that index examples along different axes")
         return _none(eqn)
     (s,) = strides
+    loc = _locate(out, s, ctx.n)
+    if loc is not None and loc[1] == 1:
+        for var, t in zip(eqn.invars, ins, strict=True):
+            if (
+                t is None
+                and len(_shape(var)) == len(out)
+                and _shape(var)[loc[0]] == ctx.n
+                and _has_rows(ctx, var, loc[0])
+            ):
+                ctx.report(
+                    eqn,
+                    "combines each example with its row of an array that is not an input "
+                    "(closed over, or built from the batch size: evaluated one example at a "
+                    "time, every example would get the first row; pass it in `inputs`)",
+                )
+                return _none(eqn)
     return [s if _shape(v) == out else None for v in eqn.outvars]
+
+
+def _has_rows(ctx, var, axis: int) -> bool:
+    """Whether the example-independent ``var`` provably varies along ``axis`` (a row per example).
+
+    Follows broadcasts, reshapes that add or drop unit axes, slices, casts and elementwise
+    operations back to a closed-over array (whose values are checked) or an ``iota`` along
+    ``axis``; anything else, parameters included, counts as not varying (no false alarm).
+    """
+    for _ in range(64):
+        var = _resolve(ctx, var)
+        if hasattr(var, "val"):
+            return False
+        if var in ctx.consts:
+            value = np.asarray(ctx.consts[var])
+            return bool(np.any(np.diff(value, axis=axis) != 0))
+        eqn = ctx.producers.get(var)
+        if eqn is None:
+            return False
+        name, p, shape = eqn.primitive.name, eqn.params, _shape(var)
+        src = _shape(eqn.invars[0]) if eqn.invars else ()
+        if name == "iota":
+            return p["dimension"] == axis
+        if name == "broadcast_in_dim":
+            dims = p["broadcast_dimensions"]
+            if axis not in dims or src[dims.index(axis)] != shape[axis]:
+                return False
+            var, axis = eqn.invars[0], dims.index(axis)
+        elif name in ("reshape", "squeeze", "expand_dims"):
+            if p.get("dimensions") is not None:
+                return False
+            kept = [d for d in range(len(shape)) if shape[d] != 1]
+            kept_src = [d for d in range(len(src)) if src[d] != 1]
+            if [shape[d] for d in kept] != [src[d] for d in kept_src]:
+                return False
+            var, axis = eqn.invars[0], kept_src[kept.index(axis)]
+        elif name in ("slice", "convert_element_type", "copy", "copy_p"):
+            var = eqn.invars[0]
+        elif primitives_lookup(eqn).mixing is elementwise_rule or name == "select_n":
+            same = [v for v in eqn.invars if not hasattr(v, "val") and _shape(v) == shape]
+            return any(_has_rows(ctx, v, axis) for v in same)
+        else:
+            inner = p.get("jaxpr", p.get("call_jaxpr"))
+            if inner is None or name in ("scan", "while", "cond"):
+                return False
+            inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+            if len(inner.outvars) != len(eqn.outvars) or len(inner.invars) != len(eqn.invars):
+                return False
+            ctx.producers.update((v, e) for e in inner.eqns for v in e.outvars)
+            ctx.aliases.update(zip(inner.invars, eqn.invars, strict=True))
+            var = inner.outvars[eqn.outvars.index(var)]
+    return False
+
+
+def primitives_lookup(eqn):
+    from curvjax._src import primitives  # the registry imports this module's rules
+
+    return primitives.lookup(eqn)
 
 
 def identity_rule(eqn, ins, ctx):
@@ -634,7 +713,7 @@ def _fixed_point(ctx, init, body):
     for _ in range(2 * len(carry) + 2):
         trial = _Context(ctx.n)
         trial.scope, trial.where = ctx.scope, ctx.where
-        trial.producers, trial.aliases = ctx.producers, ctx.aliases
+        trial.producers, trial.aliases, trial.consts = ctx.producers, ctx.aliases, ctx.consts
         outs = body(carry, trial)
         changed = False
         for i, new in enumerate(outs[: len(carry)]):
@@ -802,7 +881,7 @@ def find_batch_mixing(
     jaxpr = closed_jaxpr.jaxpr
     unknown: list[str] = []
     ins = _input_strides(jaxpr, batch_axes, batch_size)
-    reports = _analyse(jaxpr, ins, batch_size, unknown)[1]
+    reports = _analyse(jaxpr, ins, batch_size, unknown, closed_jaxpr.consts)[1]
     _warn_unknown(unknown)
     return reports
 
@@ -826,13 +905,19 @@ def _input_strides(jaxpr: Jaxpr, batch_axes: Sequence[int | None], n: int) -> li
 
 
 def _analyse(
-    jaxpr: Jaxpr, ins: list[Stride], n: int, unknown: list[str] | None = None
+    jaxpr: Jaxpr,
+    ins: list[Stride],
+    n: int,
+    unknown: list[str] | None = None,
+    consts: Sequence[Any] = (),
 ) -> tuple[list[Stride], list[str]]:
     """Output strides (None where untracked) and the deduplicated reports.
 
-    The primitives without a rule that saw batched data are appended to ``unknown``.
+    The primitives without a rule that saw batched data are appended to ``unknown``; ``consts``
+    are the values of ``jaxpr``'s constvars (closed-over arrays), when known.
     """
     ctx = _Context(n)
+    ctx.consts = dict(zip(jaxpr.constvars, consts, strict=False))
     outs = _propagate(jaxpr, ins, ctx)
     if unknown is not None:
         unknown.extend(line for line in dict.fromkeys(ctx.unknown_lines) if line not in unknown)
@@ -859,7 +944,8 @@ def model_report(apply_fn: Callable, params: Any, inputs: Any) -> tuple[list[str
         return [], []
     closed, batch_axes, n = traced
     unknown: list[str] = []
-    reports = _analyse(closed.jaxpr, _input_strides(closed.jaxpr, batch_axes, n), n, unknown)[1]
+    ins = _input_strides(closed.jaxpr, batch_axes, n)
+    reports = _analyse(closed.jaxpr, ins, n, unknown, closed.consts)[1]
     return reports, unknown
 
 
