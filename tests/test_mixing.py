@@ -505,6 +505,15 @@ def test_false_alarm_is_raised_and_the_opt_out_gives_vmap_grad():
         )
     with pytest.raises(ValueError, match="slices the example axis"):  # the context is left
         curvjax.batch_l2(_in_halves, params, (x, y))
+    argument = curvjax.extract(  # the same opt-out as an argument of extract
+        _in_halves,
+        params,
+        (x, y),
+        ["per_example_grads", "batch_l2"],
+        reduction="sum",
+        independent_examples=True,
+    )
+    assert_tree_close(argument["per_example_grads"], out["per_example_grads"], params, rtol=0)
     grads, loss, grad = _per_example_reference(_in_halves, params, x, y)
     # the model really is example-independent: the batch function equals the plain MLP
     np.testing.assert_allclose(_in_halves(params, x), _mlp(params, x), rtol=1e-12)

@@ -15,6 +15,7 @@ from typing import Any
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from curvjax._src import losses as losses_lib
+from curvjax._src import mixing
 from curvjax._src import quantities as registry
 
 
@@ -29,6 +30,7 @@ def extract(
     key: PRNGKeyArray | None = None,
     mc_samples: int = 1,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    independent_examples: bool = False,
 ) -> dict[str, Array | PyTree]:
     """The loss, the gradient and any set of quantities, sharing one forward and backward pass.
 
@@ -52,8 +54,20 @@ def extract(
     per example such as ``mask[: x.shape[0]]``: pass it in ``inputs``) is refused with an error
     naming the operation; a primitive the check has no rule for is named in an
     ``UnknownPrimitiveWarning``. Known miss: a loop that takes examples out one by one at its
-    counter. For a false alarm (e.g. a model that processes the batch in parts), compute inside
-    ``with curvjax.assume_independent_examples():``.
+    counter. For a false alarm (e.g. a model that processes the batch in parts), pass
+    ``independent_examples=True``, or compute inside
+    ``with curvjax.assume_independent_examples():`` (which also covers the other functions, the
+    optimizers and the spectral operators).
+
+    *Checks under* ``jax.jit``. Outside ``jit`` the batch's structure, shapes and dtypes are
+    checked and so are its values: labels in ``[0, C)``, weights finite and non-negative, no NaN
+    or Inf in inputs, targets or params. Under ``jit`` values are tracers, so only structure,
+    shapes and dtypes are checked (batch sizes, target shape and dtype, output rank, loss,
+    reduction and quantity names, the key's type): NaN and Inf propagate to the results, and an
+    out-of-range integer label is clamped to the nearest class by JAX's gather. To check values
+    inside a jitted step, wrap it with ``jax.experimental.checkify``
+    (``checkify.checkify(jax.jit(step), errors=checkify.float_checks)``, then ``err.throw()``),
+    and add ``checkify.check(jnp.all((y >= 0) & (y < C)), "labels out of range")`` for labels.
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``.
@@ -71,6 +85,8 @@ def extract(
         samples), ``{"kflr": {"approximation": "reduce"}}`` (weights shared over positions:
         ``"expand"``, the default, or ``"reduce"``) or ``{"chain_factors": {"vectors": "exact"}}``
         (the exact columns instead of Monte-Carlo ones).
+      independent_examples: skip the batch-mixing check: the caller vouches that output ``n``
+        depends on input ``n`` alone (see :func:`curvjax.assume_independent_examples`).
 
     Returns:
       A dict with ``"loss"`` (the scalar ``L``), ``"grad"`` (pytree like ``params``) and one entry
@@ -89,6 +105,19 @@ def extract(
       >>> out["kfac"]["w"].b.shape
       (1, 3, 3)
     """
+    if independent_examples:
+        with mixing.assume_independent_examples():
+            return extract(
+                apply_fn,
+                params,
+                batch,
+                quantities,
+                loss=loss,
+                reduction=reduction,
+                key=key,
+                mc_samples=mc_samples,
+                options=options,
+            )
     p, values = registry.compute(
         apply_fn,
         params,
