@@ -24,6 +24,7 @@ MODULES = [
     "curvjax._src.optim.kfac",
     "curvjax._src.chain",
     "curvjax._src.diagnostics",
+    "curvjax._src.mixing",
     "curvjax._src.optim.schedules",
     "curvjax._src.optim.private",
     "curvjax._src.accounting",

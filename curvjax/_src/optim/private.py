@@ -104,7 +104,9 @@ def dp_aggregate(
     batch size, as Poisson sampling requires.
 
     Args:
-      l2_norm_clip: ``c > 0``, the clipping norm used for the clipped sum (it scales the noise).
+      l2_norm_clip: ``c > 0``, the clipping norm used for the clipped sum (it scales the noise);
+        for a sum clipped per group with norms ``c_γ`` (``clipped_grad(..., groups=...)``) its
+        sensitivity, ``sqrt(Σ_γ c_γ²)``.
       noise_multiplier: ``σ ≥ 0``, the noise standard deviation over the clipping norm.
       seed: an int or a key from ``jax.random.key`` for the first step's noise.
       expected_batch_size: ``B > 0``, the expected number of examples per batch (``q N`` under
