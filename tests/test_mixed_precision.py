@@ -150,3 +150,47 @@ def test_spectra_of_a_bfloat16_model_run_in_float32():
     want = np.sort(np.linalg.eigvalsh(np.asarray(dense)))[::-1][:2]
     # Hessian-vector products of a bfloat16 model: relative error of a few bfloat16 roundings
     np.testing.assert_allclose(np.sort(np.asarray(top.eigenvalues))[::-1], want, rtol=BF16_RTOL)
+
+
+def test_bfloat16_leaf_larger_than_bfloat16_integers_computed_in_float32():
+    """A kernel stored in bfloat16 with more than 256 entries (positions 256+ are not integers
+    bfloat16 represents) used in float32: the Kronecker layout and tied norms stay exact."""
+    rng = np.random.default_rng(1)
+    p16 = {
+        "w": jnp.asarray(rng.standard_normal((20, 16)) / 4, jnp.bfloat16),
+        "v": jnp.asarray(rng.standard_normal((16, 3)) / 4, jnp.bfloat16),
+    }
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p16)
+    x = jnp.asarray(rng.standard_normal((4, 5, 20)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 4), jnp.int32)
+
+    def f(p, x):  # w used twice, the second time transposed (tied): [N, T, 20] -> [N, 3]
+        p = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        h = jnp.tanh(x @ p["w"])
+        r = jnp.tanh(h @ p["w"].T) @ p["w"]
+        return r.mean(axis=1) @ p["v"]
+
+    got = curvjax.extract(f, p16, (x, y), ["kflr", "batch_l2"])
+    want = curvjax.extract(f, p32, (x, y), ["kflr", "batch_l2"])
+    # the same float32 computation; values pulled back to a bfloat16 leaf are rounded to it once
+    # (relative 2^-9); a wrong layout would move whole entries (errors of order one)
+    for name in ["kflr", "batch_l2"]:
+        for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name]), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            np.testing.assert_allclose(a, b, rtol=2.0**-7, atol=2.0**-7 * np.max(np.abs(b)))
+
+
+def test_clipping_a_bfloat16_model_with_a_norm_bfloat16_cannot_represent():
+    params, x, y = _problem()
+    f = _model(jnp.bfloat16)
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    out = curvjax.clipped_grad(f, p32, (jnp.asarray(x, jnp.float32), y), clip_norm=0.1)
+    assert out.norms.dtype == jnp.float32
+    # c = 0.1 is not a bfloat16 number (0.10009765625 is the nearest): clipped examples are
+    # compared with c itself, and the clipped sum of N clipped examples has norm at most N c up
+    # to the bfloat16 sums of the contraction (relative 2^-8)
+    assert float(out.clipped_fraction) == 1.0
+    total = np.sqrt(
+        sum(float(jnp.sum(jnp.square(g.astype(jnp.float32)))) for g in jax.tree.leaves(out.grad))
+    )
+    assert total <= N * 0.1 * (1 + 2.0**-7)

@@ -78,7 +78,10 @@ def _clip_norms(clip_norm, labels: list, groups) -> list:
             )
         missing = [label for label in labels if label not in clip_norm]
         if missing:
-            raise ValueError(f"clipped_grad: `clip_norm` has no entry for the groups {missing}.")
+            raise ValueError(
+                f"clipped_grad: `clip_norm` has no entry for the groups {missing}; give one norm "
+                "per label of `groups`."
+            )
         norms = [clip_norm[label] for label in labels]
     else:
         norms = [clip_norm] * len(labels)
@@ -104,7 +107,8 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
     inverse = jnp.where(kappa > 0, 1.0 / jnp.where(kappa > 0, kappa, 1.0), 0.0)
     sq, kept = leafwise.sq_norms_keeping(p)  # ‖g_n‖² per float leaf, g_n = κ ĝ_n
     n = p.model.num_examples
-    dtype = p.outputs.dtype
+    # norms and clipping factors in at least float32: a bfloat16 clip norm would round c itself
+    dtype = jnp.promote_types(p.outputs.dtype, jnp.float32)
     real = jnp.any(p.objective.weights.reshape(n, -1) > 0, axis=1)
     count = jnp.maximum(jnp.sum(real), 1)
     norms, factors, fractions = [], [], []
@@ -113,7 +117,7 @@ def clip(p: Pass, clip_norm, groups=None) -> ClippedGrad:
         for k, g in enumerate(group_of_leaf):
             if g == group:
                 total = total + sq[k]
-        norm = jnp.sqrt(total) * inverse
+        norm = jnp.sqrt(total.astype(dtype)) * inverse
         limit = jnp.asarray(limit, dtype)
         over = norm > limit
         factor = jnp.where(over, limit / jnp.where(over, norm, 1), 1)

@@ -110,7 +110,8 @@ def gradient_noise_scale_from_sums(
     norm_leaves = treedef.flatten_up_to(sq_norms)
     if not leaves:
         raise ValueError("grad_sum has no floating-point leaves: there is nothing to measure.")
-    dtype = jnp.result_type(*leaves)
+    # at least float32: the count and the cancellation ‖ḡ‖² − S/m of a bfloat16 model's gradient
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
     m = jnp.asarray(num_examples, dtype)
     valid = m >= 2
     m_safe = jnp.where(valid, m, 2.0)

@@ -10,6 +10,7 @@ that need the same set sharing it. The quantities are the entries of
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from jaxtyping import Array, PRNGKeyArray, PyTree
@@ -75,7 +76,9 @@ def extract(
       batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       quantities: names from ``"per_example_grads"``, ``"batch_l2"``, ``"sum_grad_squared"``,
         ``"variance"``, ``"ggn_diag"``, ``"ggn_diag_mc"``, ``"hessian_diag"`` (exact),
-        ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"chain_factors"``.
+        ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"chain_factors"``, ``"clipped_grad"`` (needs the
+        option ``{"clipped_grad": {"clip_norm": c}}``; the clipped sum of the unscaled
+        per-example gradients, whatever ``reduction`` is).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       key: PRNG key for the Monte-Carlo quantities.
@@ -105,30 +108,19 @@ def extract(
       >>> out["kfac"]["w"].b.shape
       (1, 3, 3)
     """
-    if independent_examples:
-        with mixing.assume_independent_examples():
-            return extract(
-                apply_fn,
-                params,
-                batch,
-                quantities,
-                loss=loss,
-                reduction=reduction,
-                key=key,
-                mc_samples=mc_samples,
-                options=options,
-            )
-    p, values = registry.compute(
-        apply_fn,
-        params,
-        batch,
-        quantities,
-        loss=loss,
-        reduction=reduction,
-        key=key,
-        mc_samples=mc_samples,
-        options=options,
-    )
+    opt_out = mixing.assume_independent_examples() if independent_examples else nullcontext()
+    with opt_out:
+        p, values = registry.compute(
+            apply_fn,
+            params,
+            batch,
+            quantities,
+            loss=loss,
+            reduction=reduction,
+            key=key,
+            mc_samples=mc_samples,
+            options=options,
+        )
     result = {"loss": p.loss, "grad": p.model.unflatten_float(p.grad)}
     for name, value in values.items():
         result[name] = registry.result(p, name, value)

@@ -245,6 +245,12 @@ def clipped_grad(
     contribute nothing and count in no statistic, and under ``jit`` a different number of real
     examples does not recompile. Models that mix examples (batch statistics) are refused.
 
+    Norms and clipping factors are computed in at least float32. For a model that computes in
+    bfloat16, layers whose clipped sum is contracted from the stored activations sum over the
+    examples in bfloat16, so ``‖clip(ĝ_n)‖ ≤ c`` holds to bfloat16's relative precision (about
+    ``2⁻⁸``): for a privacy guarantee, lower ``c`` by that margin in the noise calibration or
+    compute the clipping in float32.
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, *P, C]``, any pure JAX function that
         treats examples independently.
@@ -258,8 +264,8 @@ def clipped_grad(
 
     Returns:
       A :class:`ClippedGrad` ``(grad, norms, clipped_fraction)``: the clipped sum (a pytree like
-      ``params``), the norms ``‖ĝ_n‖`` ``[N]`` and the fraction of (weighted) examples clipped,
-      per group when groups are given.
+      ``params``), the norms ``‖ĝ_n‖`` ``[N]`` and the fraction of the examples with a positive
+      weight that were clipped, per group when groups are given.
 
     Example:
       >>> import jax.numpy as jnp, curvjax

@@ -214,7 +214,7 @@ def _permutation_index(p: backprop.Pass, tap, k: int, slot: int, layout):
     values, vjp = leafwise._param_side(p, [tap], [k])
     dtype = p.outputs.dtype
     positions = np.arange(size)
-    digits, base = leafwise.exact_digits(size, [dtype, *(v.dtype for v in values[tap.id])])
+    digits, base = leafwise.exact_digits(size, leafwise.layout_dtypes(p, tap, k, values))
     parts = []
     with jax.ensure_compile_time_eval():
         for part in digits:

@@ -104,6 +104,13 @@ def exact_digits(size: int, dtypes) -> tuple[list[np.ndarray], int]:
     return digits, base
 
 
+def layout_dtypes(p: Pass, tap, k: int, values) -> list:
+    """Every dtype that positions pulled back from ``tap``'s parameter inputs to leaf ``k`` pass
+    through: the outputs', the parameter inputs' and the leaf's own."""
+    leaf = p.model.float_leaves(p.params)[k]
+    return [p.outputs.dtype, *(v.dtype for v in values[tap.id]), jnp.result_type(leaf)]
+
+
 def from_digits(parts: list[np.ndarray], base: int) -> np.ndarray:
     """The positions whose digits (see :func:`exact_digits`) are ``parts`` (floats, rounded)."""
     total = np.zeros(np.shape(parts[0]), np.int64)
@@ -448,7 +455,7 @@ def canonical_index(p: Pass, tap, k: int, form) -> np.ndarray:
     size = g * i * o
     values, _ = _param_side(p, [tap], [k])
     dtype = p.outputs.dtype
-    digits, base = exact_digits(size, [dtype, *(v.dtype for v in values[tap.id])])
+    digits, base = exact_digits(size, layout_dtypes(p, tap, k, values))
     parts = []
     with jax.ensure_compile_time_eval():
         for part in digits:
