@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=3000.0, help="stop drawing after this")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed")
     parser.add_argument("--every", type=int, default=25, help="rewrite the JSON every ... models")
+    parser.add_argument("--min-layers", type=int, default=0, help="layers per model, at least")
+    parser.add_argument("--max-layers", type=int, default=4, help="layers per model, at most")
     parser.add_argument("--smoke", action="store_true", help="3 models")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/)")
     args = parser.parse_args(argv)
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
                 "models": args.models,
                 "seconds": args.seconds,
                 "seed": args.seed,
+                "layers": [args.min_layers, args.max_layers],
                 "batch_size": fuzz_models.N,
                 "rtol": fuzz_models.RTOL,
                 "quantities": list(fuzz_models.QUANTITIES),
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
-    @given(fuzz_models.specs())
+    @given(fuzz_models.specs(min_layers=args.min_layers, max_layers=args.max_layers))
     def fuzz(spec):
         if time.perf_counter() - start > args.seconds:
             return

@@ -214,8 +214,9 @@ def _size(shape: tuple) -> int:
 
 
 @st.composite
-def specs(draw, max_layers: int = 4) -> Spec:
-    """A hypothesis strategy of :class:`Spec`."""
+def specs(draw, min_layers: int = 0, max_layers: int = 4) -> Spec:
+    """A hypothesis strategy of :class:`Spec` with ``min_layers`` to ``max_layers`` layers (fewer
+    where a drawn layer would make the activations too large and is dropped)."""
     kind = draw(st.sampled_from(["vec", "seq", "img", "tokens"]))
     if kind == "vec":
         inputs = ("vec", draw(st.integers(1, 5)))
@@ -235,7 +236,7 @@ def specs(draw, max_layers: int = 4) -> Spec:
         )
         shape = (inputs[1], inputs[3])
     layers = []
-    for _ in range(draw(st.integers(0, max_layers))):
+    for _ in range(draw(st.integers(min_layers, max_layers))):
         layer = draw(_layer(shape, 0))
         new_shape = next_shape(shape, layer)
         if _size(new_shape) > 48:  # keep the models tiny

@@ -31,7 +31,7 @@ CI_EXAMPLES = 4
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(fuzz_models.specs(max_layers=3))
+@given(fuzz_models.specs(min_layers=2, max_layers=3))
 def test_every_quantity_matches_its_reference(spec):
     fuzz_models.check(spec)
 
