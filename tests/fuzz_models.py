@@ -123,7 +123,7 @@ def conv_out_shape(shape: tuple, layer: tuple) -> tuple:
 def next_shape(shape: tuple, layer: tuple) -> tuple:
     """The per-example activation shape after ``layer``."""
     name = layer[0]
-    if name in ("dense",):
+    if name in ("dense", "custom_jvp_dense"):
         return (*shape[:-1], layer[1])
     if name == "conv":
         return conv_out_shape(shape, layer)
@@ -150,7 +150,7 @@ def _layer(draw, shape: tuple, depth: int):
     """One layer that accepts activations of per-example ``shape``."""
     d = shape[-1]
     spatial = shape[:-1]
-    options = ["dense", "act", "residual", "layernorm", "tied"]
+    options = ["dense", "act", "residual", "layernorm", "tied", "custom_jvp_dense"]
     if d < MAX_WIDTH:
         options.append("concat")
     if len(shape) in (2, 3):
@@ -174,6 +174,8 @@ def _layer(draw, shape: tuple, depth: int):
         return ("residual", draw(width), draw(act))
     if name == "layernorm":
         return ("layernorm",)
+    if name == "custom_jvp_dense":
+        return ("custom_jvp_dense", draw(width))
     if name == "tied":
         return ("tied", draw(act))
     if name == "concat":
@@ -277,6 +279,21 @@ def _swish_jvp(primals, tangents):
     return x * s, (s + x * s * (1.0 - s)) * t
 
 
+@jax.custom_jvp
+def tanh_dense(w, x):
+    """``tanh(x w)`` over the last axis, with a hand-written JVP rule in both arguments (a
+    ``custom_jvp`` wrapper around a whole layer, its parameters inside)."""
+    return jnp.tanh(jnp.einsum("...i,io->...o", x, w))
+
+
+@tanh_dense.defjvp
+def _tanh_dense_jvp(primals, tangents):
+    (w, x), (dw, dx) = primals, tangents
+    y = tanh_dense(w, x)
+    dz = jnp.einsum("...i,io->...o", dx, w) + jnp.einsum("...i,io->...o", x, dw)
+    return y, (1.0 - y**2) * dz
+
+
 _ACT: dict[str, Callable] = {
     "tanh": jnp.tanh,
     "sigmoid": jax.nn.sigmoid,
@@ -345,6 +362,9 @@ class _Builder:
                 return y * _bcast(p[scale], x.ndim) + _bcast(p[shift], x.ndim)
 
             return layernorm
+        if name == "custom_jvp_dense":
+            w = self.new((d, args[0]), fan_in=d)
+            return lambda p, x: tanh_dense(p[w], x)
         if name == "tied":
             w = self.new((d, d), fan_in=d)
             act = _ACT[args[0]]

@@ -65,6 +65,7 @@ def test_the_grammar_produces_every_production():
                 "transpose",
                 "reshape",
                 "tied",
+                "custom_jvp_dense",
                 "wrap",
             )
         ),
