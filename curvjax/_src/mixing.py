@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,10 +132,17 @@ class _Context:
 def source_line(eqn: JaxprEqn) -> str:
     """The user's source line of an equation (``""`` when unknown)."""
     try:
-        line = source_info_util.summarize(eqn.source_info)
+        lines = source_info_util.summarize(eqn.source_info, num_frames=16).splitlines()
     except Exception:  # pragma: no cover - best effort only
         return ""
-    return "" if line in ("", "<unknown>") else line
+    lines = [line for line in lines if line not in ("", "<unknown>", "unknown")]
+    # outermost first: the innermost frame outside installed packages (flax, equinox, curvjax
+    # itself when installed) is the user's code; JAX's own filter only skips packages that sit
+    # under the standard library's path, which a virtual environment's do not
+    for line in reversed(lines):
+        if not re.search(r"[/\\](site|dist)-packages[/\\]", line):
+            return line
+    return lines[-1] if lines else ""
 
 
 # ----------------------------------------------------------------------------- stride helpers
