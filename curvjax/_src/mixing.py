@@ -129,6 +129,25 @@ class _Context:
         )
 
 
+def _is_plain_call(eqn) -> bool:
+    """A call with one body run once (``pjit``, ``remat``, custom derivatives), not a loop or a
+    branch."""
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    return inner is not None and eqn.primitive.name not in ("scan", "while", "cond")
+
+
+def _follow_call(ctx, eqn, var):
+    """``var``, an output of the plain call ``eqn``, as the output of its body, with the body's
+    producers and aliases registered in ``ctx``; ``None`` if the body does not line up."""
+    inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
+    if len(inner.outvars) != len(eqn.outvars) or len(inner.invars) != len(eqn.invars):
+        return None
+    ctx.producers.update((v, e) for e in inner.eqns for v in e.outvars)
+    ctx.aliases.update(zip(inner.invars, eqn.invars, strict=True))
+    return inner.outvars[eqn.outvars.index(var)]
+
+
 def source_line(eqn: JaxprEqn) -> str:
     """The user's source line of an equation (``""`` when unknown)."""
     try:
@@ -256,15 +275,11 @@ def _has_rows(ctx, var, axis: int) -> bool:
             same = [v for v in eqn.invars if not hasattr(v, "val") and _shape(v) == shape]
             return any(_has_rows(ctx, v, axis) for v in same)
         else:
-            inner = p.get("jaxpr", p.get("call_jaxpr"))
-            if inner is None or name in ("scan", "while", "cond"):
+            if not _is_plain_call(eqn):
                 return False
-            inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
-            if len(inner.outvars) != len(eqn.outvars) or len(inner.invars) != len(eqn.invars):
+            var = _follow_call(ctx, eqn, var)
+            if var is None:
                 return False
-            ctx.producers.update((v, e) for e in inner.eqns for v in e.outvars)
-            ctx.aliases.update(zip(inner.invars, eqn.invars, strict=True))
-            var = inner.outvars[eqn.outvars.index(var)]
     return False
 
 
@@ -588,15 +603,11 @@ def _is_example_index(ctx, var, axis: int, fixed: dict[int, int]) -> bool:
             return False
         eqn = ctx.producers[var]
         name, p, shape = eqn.primitive.name, eqn.params, _shape(var)
-        inner = p.get("jaxpr", p.get("call_jaxpr"))
-        if inner is not None and name not in ("scan", "while", "cond"):
+        if _is_plain_call(eqn):
             # an output of a call (jnp functions are jitted): follow it inside
-            inner = inner.jaxpr if isinstance(inner, ClosedJaxpr) else inner
-            if len(inner.outvars) != len(eqn.outvars) or len(inner.invars) != len(eqn.invars):
+            var = _follow_call(ctx, eqn, var)
+            if var is None:
                 return False
-            ctx.producers.update((v, e) for e in inner.eqns for v in e.outvars)
-            ctx.aliases.update(zip(inner.invars, eqn.invars, strict=True))
-            var = inner.outvars[eqn.outvars.index(var)]
             continue
         if name == "iota":
             return p["dimension"] == axis and shape[axis] == ctx.n
