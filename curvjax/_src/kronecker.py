@@ -204,33 +204,10 @@ def _operands_of_leaf(p: backprop.Pass, tap, k: int) -> list[int]:
 
 def _permutation_index(p: backprop.Pass, tap, k: int, slot: int, layout):
     """Canonical index of leaf ``k`` that reaches ``tap``'s parameter operand ``slot`` through a
-    relayout (``None`` if that map is not a permutation, e.g. a transformed weight).
-
-    ``layout = (g, i, o, to_param)`` of the operand. Positions are pulled back split into digits
-    that the operand's dtype represents exactly (:func:`~curvjax._src.leafwise.exact_digits`).
-    """
+    relayout (``None`` if that map is not a permutation, e.g. a transformed weight);
+    ``layout = (g, i, o, to_param)`` of the operand."""
     g, i, o, to_param = layout
-    size = g * i * o
-    values, vjp = leafwise._param_side(p, [tap], [k])
-    dtype = p.outputs.dtype
-    positions = np.arange(size)
-    digits, base = leafwise.exact_digits(size, leafwise.layout_dtypes(p, tap, k, values))
-    parts = []
-    with jax.ensure_compile_time_eval():
-        for part in digits:
-            canon = to_param(jnp.asarray(part.reshape(g, i, o), dtype))
-            cot = tuple(
-                canon.astype(v.dtype) if j == slot else jnp.zeros_like(v)
-                for j, v in enumerate(values[tap.id])
-            )
-            parts.append(np.asarray(vjp({tap.id: cot})[0][0]))
-    if parts[0].size != size:
-        return None
-    index = leafwise.from_digits(parts, base).ravel()
-    exact = all(np.array_equal(np.round(q), q) for q in parts)
-    if not exact or not np.array_equal(np.sort(index), positions):
-        return None
-    return index.astype(np.int32)
+    return leafwise.pulled_positions(p, tap, k, (g, i, o), to_param, slot)
 
 
 def _layout(p: backprop.Pass):

@@ -443,22 +443,38 @@ def outer_sum(p: Pass, cols: dict, leaf_ids: list[int]) -> list:
 
 
 def canonical_index(p: Pass, tap, k: int, form) -> np.ndarray:
-    """For each entry of leaf ``k`` (row-major), its position in the tap's canonical ``(G, I, O)``.
+    """For each entry of leaf ``k`` (row-major), its position in the tap's canonical ``(G, I, O)``
+    (the tap reads the leaf through a relayout, see :func:`pulled_positions`)."""
+    g, i, o = form.a.shape[1], form.a.shape[3], form.b.shape[-1]
+    return pulled_positions(p, tap, k, (g, i, o), form.to_param)
 
-    The relayout from canonical order to the leaf is a permutation; it is applied to the positions
-    themselves, split into digits that the parameter's dtype represents exactly
+
+def pulled_positions(p: Pass, tap, k: int, shape, to_param, slot: int = 0) -> np.ndarray | None:
+    """For each entry of leaf ``k`` (row-major), its position in the canonical ``shape`` of
+    ``tap``'s parameter operand ``slot``, or ``None`` if the map from leaf to operand is not a
+    permutation (a transformed weight).
+
+    The positions themselves are pulled back through ``to_param`` (canonical -> operand layout)
+    and the parameter side, split into digits that every dtype on the way represents exactly
     (:func:`exact_digits`). It depends on static shapes only and is evaluated at trace time: the
     result is a numpy array (static layout data).
     """
-    g, i = form.a.shape[1], form.a.shape[3]
-    o = form.b.shape[-1]
-    size = g * i * o
-    values, _ = _param_side(p, [tap], [k])
+    size = int(np.prod(shape))
+    values, vjp = _param_side(p, [tap], [k])
     dtype = p.outputs.dtype
     digits, base = exact_digits(size, layout_dtypes(p, tap, k, values))
     parts = []
     with jax.ensure_compile_time_eval():
         for part in digits:
-            canon = jnp.asarray(part.reshape(g, i, o), dtype)
-            parts.append(np.asarray(_to_leaf(p, tap, k, form.to_param(canon), batched=False)))
-    return from_digits(parts, base).ravel().astype(np.int32)
+            canon = to_param(jnp.asarray(part.reshape(shape), dtype))
+            cot = tuple(
+                canon.astype(v.dtype) if j == slot else jnp.zeros_like(v)
+                for j, v in enumerate(values[tap.id])
+            )
+            parts.append(np.asarray(vjp({tap.id: cot})[0][0]))
+    if parts[0].size != size or not all(np.array_equal(np.round(q), q) for q in parts):
+        return None
+    index = from_digits(parts, base).ravel()
+    if not np.array_equal(np.sort(index), np.arange(size)):
+        return None
+    return index.astype(np.int32)
