@@ -33,3 +33,21 @@ def assert_tree_close(actual, expected, params, *, rtol=RTOL, floor=FLOOR, what=
 def jit(fn):
     """``jax.jit`` with the model (first argument) static."""
     return jax.jit(fn, static_argnums=0)
+
+
+def run_on_host_devices(code: str, count: int) -> None:
+    """Run ``code`` in a fresh Python on ``count`` XLA host-platform CPU devices (the device count
+    is fixed when JAX starts, so it cannot change inside this process); it must print
+    ``SHARDED-OK``."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SHARDED-OK" in result.stdout

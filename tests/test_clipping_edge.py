@@ -7,8 +7,6 @@ weights of a sequence model, and a batch sharded over several CPU devices.
 """
 
 import functools
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -19,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 import reference
+from helpers import run_on_host_devices
 
 import curvjax
 from curvjax._src import leafwise, quantities
@@ -349,14 +348,7 @@ SHARDED = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses XLA host-platform devices")
 def test_batch_sharded_over_4_devices():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "SHARDED-OK" in result.stdout
+    run_on_host_devices(SHARDED, 4)
 
 
 def test_extract_token_mean_all_masked_under_jit():

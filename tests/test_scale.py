@@ -1,7 +1,5 @@
 """Deterministic XLA memory figures and data-parallel execution."""
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -9,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import run_on_host_devices
 
 import curvjax
 
@@ -72,11 +71,4 @@ SHARDED = textwrap.dedent(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses XLA host-platform devices")
 def test_extract_with_batch_sharded_over_8_devices():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "SHARDED-OK" in result.stdout
+    run_on_host_devices(SHARDED, 8)
