@@ -4,6 +4,7 @@ from curvjax import losses
 from curvjax._src.blocks import (
     DenseBlock,
     DiagonalBlock,
+    EigenKroneckerBlock,
     KroneckerBlock,
     block_to_dense,
     blocks_to_dense,
@@ -29,7 +30,15 @@ from curvjax._src.mixing import assume_independent_examples
 from curvjax._src.primitives import Registration, register_rule
 from curvjax._src.products import ggn_matrix, ggn_vp, hessian_matrix, hvp
 from curvjax._src.rules.bilinear import Form as BilinearForm
-from curvjax._src.second_order import ggn_diag, ggn_diag_mc, hessian_diag, kfac, kflr, kfra
+from curvjax._src.second_order import (
+    ekfac,
+    ggn_diag,
+    ggn_diag_mc,
+    hessian_diag,
+    kfac,
+    kflr,
+    kfra,
+)
 
 __version__ = "0.1.0"
 
@@ -39,6 +48,7 @@ __all__ = [
     "ClippedGrad",
     "DenseBlock",
     "DiagonalBlock",
+    "EigenKroneckerBlock",
     "GradientNoiseScale",
     "KroneckerBlock",
     "LeafReport",
@@ -51,6 +61,7 @@ __all__ = [
     "blocks_to_dense",
     "chain_factors",
     "clipped_grad",
+    "ekfac",
     "extract",
     "ggn_diag",
     "ggn_diag_mc",

@@ -224,6 +224,16 @@ def _layout(p: backprop.Pass):
     return kron, full, [k for k in diag if k not in kron]
 
 
+def kernel_uses(p: backprop.Pass) -> dict:
+    """``{leaf: [uses]}`` of the Kronecker-factored leaves (the ``kron`` part of the layout)."""
+    return _layout(p)[0]
+
+
+def forms_of(p: backprop.Pass, uses, cols: dict) -> list:
+    """The bilinear forms of a kernel's ``uses`` for the tap cotangents ``cols``."""
+    return _forms(p, uses, cols)
+
+
 def additive_parts(p: backprop.Pass, cols: dict, *, approximation: str = DEFAULT_APPROXIMATION):
     """The parts of the blocks that sum over backpropagated vectors."""
     kron, full, diag = _layout(p)

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from curvjax._src import backprop, chain, clipping, diagonals, kronecker, leafwise
+from curvjax._src import backprop, chain, clipping, diagonals, ekfac, kronecker, leafwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +174,8 @@ def _options(requested: Sequence[str], mc_samples: int, options: Mapping | None)
                 f"quantity {name!r} has no option {bad[0]!r}; its options are {list(defaults)}."
             )
         defaults.update(given)
+        if "basis" in defaults:  # EKFAC: the basis chooses the vector set
+            defaults["vectors"] = ekfac.vectors_of_basis(defaults["basis"])
         if "approximation" in defaults:
             kronecker.check_approximation(defaults["approximation"])
         if defaults.get("vectors", "mc") not in VECTOR_SETS:
@@ -346,5 +348,28 @@ register(
         reduction="chain",
         options={"mc_samples": 1, "vectors": "mc"},
         per_leaf=False,
+    )
+)
+
+
+def _ekfac(c: Context, parts):
+    """EKFAC from the shared Kronecker parts and a second backpropagation of the same vectors."""
+    options = c.options["ekfac"]
+    columns = VECTOR_SETS[_vectors("ekfac", options)](c.p, c.key, options)
+    return ekfac.ekfac_of(c.p, parts, columns, approximation=options["approximation"])
+
+
+register(
+    Quantity(
+        "ekfac",
+        _ekfac,
+        vectors="mc",
+        reduction="kron",
+        options={
+            "mc_samples": 1,
+            "basis": "kfac",
+            "approximation": kronecker.DEFAULT_APPROXIMATION,
+        },
+        curvature=True,
     )
 )

@@ -358,3 +358,86 @@ def kfra(
       Botev, Ritter & Barber, "Practical Gauss-Newton optimisation for deep learning", ICML 2017.
     """
     return _one("kfra", apply_fn, params, batch, loss=loss, reduction=reduction)
+
+
+def ekfac(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batch: Batch,
+    *,
+    loss: LossLike = "cross_entropy",
+    reduction: str = "mean",
+    key: PRNGKeyArray | None = None,
+    mc_samples: int = 1,
+    basis: str = "kfac",
+    approximation: str = "expand",
+) -> PyTree:
+    """Eigenvalue-corrected Kronecker-factored curvature (EKFAC).
+
+    Per Kronecker-factored kernel, the eigenbases ``Q_A``, ``Q_B`` of the factors of
+    :func:`kfac` (``basis="kfac"``) or :func:`kflr` (``basis="kflr"``) and, in place of the
+    eigenvalues ``a_i b_o``, the second moments of the gradients in that basis:
+
+    .. math::
+        C = (Q_A ⊗ Q_B) \\operatorname{diag}(s) (Q_A ⊗ Q_B)^⊤, \\qquad
+        s = \\sum_{n,c} \\big((Q_A ⊗ Q_B)^⊤ g_{n,c}\\big)^2, \\qquad
+        g_{n,c} = \\operatorname{vec} \\sum_t a_{n,t} b_{n,c,t}^⊤ ,
+
+    with ``b_{n,c}`` the cotangents of the vectors that define ``B`` (the ``M`` Monte-Carlo
+    columns, each carrying ``1/√M``, for ``"kfac"``; the ``C`` columns of ``√κ S_n`` for
+    ``"kflr"``), so that ``Σ_{n,c} g g ᵀ`` is the Monte-Carlo Fisher block (``"kfac"``) or the
+    exact GGN block (``"kflr"``). ``C`` is the Frobenius projection of that block onto the
+    matrices diagonal in ``Q_A ⊗ Q_B``, so it is never farther from it (in Frobenius norm) than
+    ``A ⊗ B``; it equals the exact GGN block for one dense layer seeing one example
+    (``basis="kflr"``). Weight sharing over positions (convolutions, sequences ``[N, T, V]``),
+    tied kernels and padding masks enter as in :func:`kfac`; the damped inverse of a block is
+    exact: ``(C + λ I)⁻¹ = (Q_A ⊗ Q_B) diag(1/(s + λ)) (Q_A ⊗ Q_B)ᵀ``.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs [N, C]``, any pure JAX function that treats
+        examples independently.
+      params: parameter pytree; non-floating-point leaves are held fixed and get ``None``.
+      batch: ``(inputs, targets)`` or ``(inputs, targets, weights)``; ``inputs`` has a leading
+        batch axis ``N``, targets ``[N, *P]`` (labels) or ``[N, *P, ...]``, weights ``[N]`` or
+        ``[N, *P]`` (a padding mask or non-negative weights ``w_{n,p}``; default 1).
+      loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
+      reduction: ``"mean"`` (``κ = 1/N``), ``"sum"`` (``κ = 1``) or ``"token_mean"``
+        (``κ = 1 / Σ_{n,p} w_{n,p}``).
+      key: PRNG key for sampling ``ŷ ~ p(y | f_n)`` (``basis="kfac"``).
+      mc_samples: number ``M`` of sampled columns per example (``basis="kfac"``).
+      basis: ``"kfac"`` (Monte-Carlo output factors, the default) or ``"kflr"`` (exact ones).
+      approximation: ``"expand"`` (default) or ``"reduce"``: the factors whose eigenbases are
+        taken, for weights shared over positions (see :func:`kfac`).
+
+    Returns:
+      A pytree like ``params`` of blocks: :class:`curvjax.EigenKroneckerBlock`
+      ``(a_vectors [G, I, I], b_vectors [G, O, O], scaling [G, I, O], index)`` for the kernel of
+      a dense or convolution layer, and the block :func:`kfac` returns for every other leaf
+      (:class:`curvjax.DenseBlock` for 1-D leaves, :class:`curvjax.DiagonalBlock` otherwise).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, curvjax
+      >>> apply_fn = lambda p, x: x @ p["w"]
+      >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
+      >>> blocks = curvjax.ekfac(apply_fn, {"w": jnp.ones((4, 3))}, batch, basis="kflr")
+      >>> blocks["w"].scaling.shape
+      (1, 4, 3)
+      >>> bool(jnp.isclose(blocks["w"].trace(), curvjax.ggn_diag(apply_fn, {"w": jnp.ones((4, 3))},
+      ...                                                         batch)["w"].sum()))
+      True
+
+    References:
+      George, Laurent, Bouthillier, Ballas & Vincent, "Fast approximate natural gradient descent
+      in a Kronecker-factored eigenbasis", NeurIPS 2018.
+    """
+    return _one(
+        "ekfac",
+        apply_fn,
+        params,
+        batch,
+        loss=loss,
+        reduction=reduction,
+        key=key,
+        mc_samples=mc_samples,
+        options={"ekfac": {"basis": basis, "approximation": approximation}},
+    )

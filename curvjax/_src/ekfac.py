@@ -1,0 +1,169 @@
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+"""Eigenvalue-corrected Kronecker factors (EKFAC, George et al. 2018).
+
+For a Kronecker-factored kernel with factors ``A_g = Q_A diag(·) Q_Aᵀ`` and
+``B_g = Q_B diag(·) Q_Bᵀ`` (those of :func:`curvjax.kfac` or :func:`curvjax.kflr`), EKFAC keeps
+the eigenbasis ``Q = Q_A ⊗ Q_B`` and replaces the eigenvalues ``a_i b_o`` by the second moments
+of the gradients in that basis:
+
+.. math::
+    s_{g,i,o} = \\sum_{n} \\sum_{c} \\big(Q_{A,g}^⊤ \\, G_{n,c,g} \\, Q_{B,g}\\big)_{io}^2, \\qquad
+    G_{n,c,g} = \\sum_t a_{n,t,g} \\, b_{n,c,t,g}^⊤ ,
+
+with ``b_{n,c}`` the cotangents of the same backpropagated vectors that define ``B`` (the ``C``
+columns of ``√κ S_n`` for the ``"kflr"`` basis, the ``M`` Monte-Carlo columns, which carry
+``1/√M``, for ``"kfac"``), so that ``Σ_{n,c} vec G_{n,c} vec G_{n,c}ᵀ`` is exactly the matrix the
+factors approximate (the GGN block, or its Monte-Carlo estimate). ``diag(s)`` is the diagonal of
+that matrix in the basis ``Q``: the EKFAC block ``Q diag(s) Qᵀ`` is its Frobenius projection onto
+the matrices diagonal in ``Q``, never farther from it than ``A ⊗ B`` (which is diagonal in ``Q``
+too). Positions that share the weight (convolutions, sequences) and the uses of a tied kernel
+enter the per-example gradient ``G_{n,c}`` as the sum over ``t``; padded positions carry
+zero cotangents.
+
+Computation: ``a`` is projected by ``Q_A`` and ``b`` by ``Q_B`` first, then the rotated
+per-example gradient ``Σ_t ã_{n,t} b̃_{n,c,t}ᵀ`` is squared and summed (for ``T = 1`` as
+``(ã²)ᵀ (b̃²)`` without forming it; otherwise a chunk of examples at a time). ``s`` needs the
+eigenbasis of ``B``, which is known only after all the vectors have been backpropagated, while
+the backpropagation runs a chunk of vectors at a time and keeps no cotangents: the vectors are
+backpropagated a second time (the forward pass and ``A`` are shared, and so are the factors with
+``kfac`` / ``kflr`` requested in the same :func:`curvjax.extract` call). Keeping every cotangent
+instead would hold ``N C T O`` numbers per layer (for a language model's vocabulary ``C``, far
+more than a second backward pass costs).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from curvjax._src import backprop, chunking, kronecker
+from curvjax._src.blocks import EigenKroneckerBlock
+from curvjax._src.rules import bilinear
+
+#: The factors whose eigenbasis EKFAC corrects, and the vector set each backpropagates.
+BASES = {"kfac": "mc", "kflr": "exact"}
+
+
+def vectors_of_basis(basis: str) -> str:
+    """The vector set (``"mc"`` or ``"exact"``) of ``basis``, or a ``ValueError``."""
+    if basis not in BASES:
+        raise ValueError(
+            f"basis={basis!r} is not one of {tuple(BASES)}: 'kfac' takes the eigenbasis of the "
+            "Monte-Carlo factors (needs `key`), 'kflr' that of the exact output factors."
+        )
+    return BASES[basis]
+
+
+def rotate_form(
+    a_vectors: Float[Array, "G I I"], b_vectors: Float[Array, "G O O"], form: bilinear.Form
+) -> bilinear.Form:
+    """The bilinear form of the rotated gradients ``Q_Aᵀ G_{n,m} Q_B``.
+
+    Args:
+      a_vectors: ``[G, I, I]`` eigenvectors (columns) ``Q_A``.
+      b_vectors: ``[G, O, O]`` eigenvectors (columns) ``Q_B``.
+      form: a tap's :class:`~curvjax.BilinearForm`, ``a [N, G, T, I]``, ``b [N, M, G, T, O]``.
+
+    Returns:
+      The form with ``ã = a Q_A`` ``[N, G, T, I]`` and ``b̃ = b Q_B`` ``[N, M, G, T, O]``, whose
+      per-example gradients ``Σ_t ã_t b̃_tᵀ`` are ``Q_Aᵀ G_{n,m} Q_B`` (same ``to_param``).
+    """
+    a = jnp.einsum("ngti,gij->ngtj", form.a, a_vectors.astype(form.a.dtype))
+    b = jnp.einsum("nmgto,gop->nmgtp", form.b, b_vectors.astype(form.b.dtype))
+    return bilinear.Form(a, b, form.to_param)
+
+
+def join_forms(forms: list) -> bilinear.Form:
+    """One form for the uses of a tied kernel: their positions concatenated (same layout)."""
+    if len(forms) == 1:
+        return forms[0]
+    a = jnp.concatenate([f.a for f in forms], axis=2)
+    b = jnp.concatenate([f.b for f in forms], axis=3)
+    return bilinear.Form(a, b, forms[0].to_param)
+
+
+def _canonical(x):
+    return x
+
+
+def rotated_sum_sq(
+    forms: list, a_vectors: Float[Array, "G I I"], b_vectors: Float[Array, "G O O"], weights=None
+) -> Float[Array, "G I O"]:
+    """``Σ_{n,m} w_{n,m} (Q_Aᵀ G_{n,m} Q_B)²`` in the canonical ``[G, I, O]`` layout.
+
+    ``forms`` are the forms of one kernel's uses (summed into one per-example gradient).
+    """
+    joined = join_forms([rotate_form(a_vectors, b_vectors, f) for f in forms])
+    return bilinear.sum_sq(joined._replace(to_param=_canonical), weights)
+
+
+def per_example_quadratic(
+    block: EigenKroneckerBlock, forms: list, scale: Float[Array, "G I O"]
+) -> Float[Array, "N M"]:
+    """``Σ_{g,i,o} scale_{gio} (Q_Aᵀ G_{n,m} Q_B)²_{gio}`` per example and vector.
+
+    With ``scale = (s + λ)^{-1}`` (``1 / block.damped_scaling(λ)``) this is
+    ``vec(G_{n,m})ᵀ (C + λ I)⁻¹ vec(G_{n,m})`` for the EKFAC block ``C`` (self-influence), computed
+    from the taps without forming ``G_{n,m}`` when ``T = 1``, else a chunk of examples at a time.
+
+    Args:
+      block: the kernel's :class:`~curvjax.EigenKroneckerBlock`.
+      forms: the bilinear forms of the kernel's uses (``a [N, G, T, I]``, ``b [N, M, G, T, O]``).
+      scale: ``[G, I, O]`` weights of the squared rotated entries.
+
+    Returns:
+      ``[N, M]``.
+    """
+    rot = join_forms([rotate_form(block.a_vectors, block.b_vectors, f) for f in forms])
+    n, g, t, i = rot.a.shape
+    m, o = rot.b.shape[1], rot.b.shape[-1]
+    if t == 1:
+        return jnp.einsum("ngi,gio,nmgo->nm", rot.a[:, :, 0] ** 2, scale, rot.b[:, :, :, 0] ** 2)
+
+    def direct(ab):
+        a, b = ab
+        grads = jnp.einsum("ngti,nmgto->nmgio", a, b)
+        return jnp.einsum("nmgio,gio->nm", grads**2, scale)
+
+    chunk = chunking.chunk_size(n, m * g * i * o)
+    return chunking.chunked_map(direct, (rot.a, rot.b), chunk)
+
+
+def ekfac_of(
+    p: backprop.Pass,
+    parts: dict,
+    columns,
+    *,
+    approximation: str = kronecker.DEFAULT_APPROXIMATION,
+) -> list:
+    """EKFAC blocks for every float leaf of a pass.
+
+    Args:
+      p: the pass.
+      parts: :func:`curvjax._src.kronecker.additive_parts` of ``columns`` (summed over them).
+      columns: the backpropagated vectors that define the output factors (exact or Monte-Carlo).
+      approximation: how positions sharing a weight enter the factors (their eigenbases only;
+        ``s`` is always that of the per-example gradients).
+
+    Returns:
+      One entry per float leaf: :class:`~curvjax.EigenKroneckerBlock` at the Kronecker-factored
+      kernels, the block of :func:`curvjax._src.kronecker.assemble` elsewhere.
+    """
+    blocks = kronecker.assemble(p, parts, approximation=approximation)
+    uses = kronecker.kernel_uses(p)
+    bases = {k: blocks[k].eigh() for k in uses}
+
+    def scalings(cols, weights):
+        return {
+            k: rotated_sum_sq(
+                kronecker.forms_of(p, uses[k], cols), e.a_vectors, e.b_vectors, weights
+            )
+            for k, e in bases.items()
+        }
+
+    scaling = p.reduce_columns(scalings, columns) if bases else {}
+    for k, e in bases.items():
+        blocks[k] = EigenKroneckerBlock(
+            e.a_vectors, e.b_vectors, scaling[k].astype(e.a_vectors.dtype), blocks[k].index
+        )
+    return blocks
