@@ -69,15 +69,21 @@ def _shape_structs(tree):
 
 
 def _ema(old, new, decay):
-    """``decay · old + (1 - decay) · new`` for the float fields; integer fields from ``new``."""
+    """``decay · old + (1 - decay) · new`` for the float fields; integer fields from ``new``.
+
+    Curvature blocks average by their own rule (``block.moving_average``: the factors of Kronecker
+    blocks, the projection onto the new eigenbasis for eigenvalue-corrected ones).
+    """
 
     def mix(o, n):
+        if blocks_lib.is_block(n):
+            return n.moving_average(o, decay)
         if jnp.issubdtype(n.dtype, jnp.integer):
             return n
         d = jnp.asarray(decay, o.dtype)
         return d * o + (1 - d) * n
 
-    return jax.tree.map(mix, old, new)
+    return jax.tree.map(mix, old, new, is_leaf=blocks_lib.is_block)
 
 
 class _Core:
@@ -97,14 +103,14 @@ class _Core:
         kronecker.check_approximation(approximation)
         if approximation != "expand" and (block != "diagonal" or quantity == "kfra"):
             raise ValueError(
-                f"approximation={approximation!r} applies to quantity 'kfac' or 'kflr' with "
-                "block='diagonal' (KFRA and the tridiagonal blocks take chains of dense layers "
-                "that share no weight over positions, where expand and reduce coincide)."
+                f"approximation={approximation!r} applies to quantity 'kfac', 'kflr' or 'ekfac' "
+                "with block='diagonal' (KFRA and the tridiagonal blocks take chains of dense "
+                "layers that share no weight over positions, where expand and reduce coincide)."
             )
         self.approximation = approximation
         if block not in BLOCK_KINDS:
             raise ValueError(f"`block` must be one of {BLOCK_KINDS}, got {block!r}.")
-        allowed = ("kfac", "kflr", "kfra") if block == "diagonal" else ("kfac", "kflr")
+        allowed = ("kfac", "kflr", "kfra", "ekfac") if block == "diagonal" else ("kfac", "kflr")
         if quantity not in allowed:
             raise ValueError(f"`quantity` must be one of {allowed} for block={block!r}.")
         if apply_fn is None or example_inputs is None:
@@ -131,9 +137,15 @@ class _Core:
             factors = jax.eval_shape(fn, structs)
             inverse = jax.eval_shape(tridiagonal.tridiagonal_inverse, factors, 1.0)
             return optax.tree.zeros_like(factors), optax.tree.zeros_like(inverse)
+        # the layout of the state: KFLR's blocks (EKFAC's for quantity="ekfac"), no key needed
+        name = "ekfac" if self.quantity == "ekfac" else "kflr"
         fn = lambda p: extract_lib.extract(  # noqa: E731
-            self.apply_fn, p, positions.placeholder_batch(self.apply_fn, p, self.one), ("kflr",)
-        )["kflr"]
+            self.apply_fn,
+            p,
+            positions.placeholder_batch(self.apply_fn, p, self.one),
+            (name,),
+            options={"ekfac": {"basis": "kflr"}} if name == "ekfac" else None,
+        )[name]
         factors = jax.eval_shape(fn, structs)
         inverse = jax.eval_shape(lambda f: blocks_lib.map_blocks(lambda b: b.eigh(), f), factors)
         return optax.tree.zeros_like(factors), optax.tree.zeros_like(inverse)
@@ -170,7 +182,7 @@ class _Core:
                 mc_samples=self.mc_samples,
                 options=(
                     {self.quantity: {"approximation": self.approximation}}
-                    if self.quantity in ("kfac", "kflr")
+                    if self.quantity in ("kfac", "kflr", "ekfac")
                     else None
                 ),
             )
@@ -194,8 +206,9 @@ class _Core:
             if want is None or blk is None or not want.same_layout(blk):
                 raise ValueError(
                     f"`curvature` for {pre.leaf_name(path)} is {blk!r}, K-FAC keeps {want!r} "
-                    "there: pass the output of `curvjax.kfac`, `kflr` or `kfra` (or "
-                    "`extract(...)` of one of them) for the same `apply_fn`."
+                    "there: pass the output of `curvjax.kfac`, `kflr`, `kfra` or `ekfac` (or "
+                    "`extract(...)` of one of them; `ekfac` for `quantity='ekfac'` only) for the "
+                    "same `apply_fn`."
                 )
         return jax.tree.unflatten(treedef, blocks)
 
@@ -286,7 +299,11 @@ def scale_by_kfac(
       block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
         layers; biases added right after a layer are folded in with a homogeneous coordinate).
       quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
-        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
+        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"`` or ``"ekfac"``
+        (:func:`curvjax.ekfac` with its default Monte-Carlo basis, needs ``key``; the state then
+        keeps eigenvalue-corrected blocks, averaged by projecting the previous average onto the
+        current eigenbasis, and the damping is exact: ``(Q diag(s) Qᵀ + c I)⁻¹``). Curvature
+        passed as ``curvature=`` must have the blocks of this quantity.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.
@@ -494,7 +511,11 @@ def kfac(
       block: ``"diagonal"`` (one block per leaf) or ``"tridiagonal"`` (§4.3, chains of dense
         layers; biases added right after a layer are folded in with a homogeneous coordinate).
       quantity: the curvature of the convenience path: ``"kfac"`` (Monte-Carlo, needs ``key``),
-        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"``.
+        ``"kflr"`` (exact output factor) or, for ``block="diagonal"``, ``"kfra"`` or ``"ekfac"``
+        (:func:`curvjax.ekfac` with its default Monte-Carlo basis, needs ``key``; the state then
+        keeps eigenvalue-corrected blocks, averaged by projecting the previous average onto the
+        current eigenbasis, and the damping is exact: ``(Q diag(s) Qᵀ + c I)⁻¹``). Curvature
+        passed as ``curvature=`` must have the blocks of this quantity.
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       mc_samples: Monte-Carlo samples per example for ``quantity="kfac"``.

@@ -137,6 +137,8 @@ def precondition_by_curvature(
 
       solved with Cholesky factorisations of the two damped factors (in the block's canonical
       order, permuted back to the leaf with ``index``);
+    * a :class:`curvjax.EigenKroneckerBlock` (``ekfac``): the exact damped inverse in its
+      eigenbasis, ``(Q_A ⊗ Q_B) diag(1/(s + λ + η)) (Q_A ⊗ Q_B)ᵀ``;
     * ``None`` (non-float leaves): the update passes through unchanged.
 
     Negative entries of ``hessian_diag`` are used as they are (no clipping): choose ``λ`` so that
@@ -151,13 +153,14 @@ def precondition_by_curvature(
       :func:`curvjax.extract` call (``out["grad"]``, ``out["kfac"]``);
     * *convenience* — ``update(grads, state, params, batch=batch, key=key)``: the transform
       computes ``quantity`` itself (needs ``quantity=`` and ``apply_fn=`` here; ``key`` for the
-      Monte-Carlo quantities ``ggn_diag_mc`` and ``kfac``).
+      Monte-Carlo quantities ``ggn_diag_mc``, ``kfac`` and ``ekfac``).
 
     Args:
       damping: ``λ ≥ 0`` (a float or a traced scalar).
       l2: ``η ≥ 0``, the strength of the ℓ2 regularisation ``η/2 ||θ||²`` added to ``L``.
       quantity: for the convenience path, one of ``"ggn_diag"``, ``"ggn_diag_mc"``,
-        ``"hessian_diag"``, ``"kfac"``, ``"kflr"``, ``"kfra"``.
+        ``"hessian_diag"``, ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"ekfac"`` (its Monte-Carlo
+        basis).
       apply_fn: for the convenience path, ``apply_fn(params, inputs) -> outputs [N, C]``.
       loss: for the convenience path: ``"cross_entropy"``, ``"mse"`` or a
         :class:`curvjax.losses.Loss`.

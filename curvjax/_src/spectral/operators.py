@@ -205,8 +205,9 @@ def diagonal_operator(diagonal, params):
 def blocks_operator(blocks, params):
     """The block-diagonal matrix of a params-shaped tree of blocks (:func:`curvjax.kfac`, …).
 
-    Exact eigenvalues: per Kronecker block the products ``λ_i(A_g) λ_o(B_g)``, per dense block
-    its eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
+    Exact eigenvalues: per Kronecker block the products ``λ_i(A_g) λ_o(B_g)``, per
+    eigenvalue-corrected block (:func:`curvjax.ekfac`) its scaling ``s``, per dense block its
+    eigenvalues, per diagonal block its entries; the operator's spectrum is their union.
     """
     floats, flat, _, to_tree, from_tree = _flattening(params)
     block_list = products.float_split(params)[3](blocks)  # one block per float leaf
