@@ -1,6 +1,6 @@
 """curvjax: per-example gradients, curvature and Hessian spectra for any pure JAX function."""
 
-from curvjax import losses
+from curvjax import influence, losses
 from curvjax._src.blocks import (
     DenseBlock,
     DiagonalBlock,
@@ -39,11 +39,13 @@ from curvjax._src.second_order import (
     kflr,
     kfra,
 )
+from curvjax._src.solve import CGInfo, cg_solve, inverse_curvature_product
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BilinearForm",
+    "CGInfo",
     "ChainFactors",
     "ClippedGrad",
     "DenseBlock",
@@ -59,6 +61,7 @@ __all__ = [
     "batch_l2",
     "block_to_dense",
     "blocks_to_dense",
+    "cg_solve",
     "chain_factors",
     "clipped_grad",
     "ekfac",
@@ -73,7 +76,9 @@ __all__ = [
     "hessian_diag",
     "hessian_matrix",
     "hvp",
+    "influence",
     "inspect",
+    "inverse_curvature_product",
     "kfac",
     "kflr",
     "kfra",

@@ -478,3 +478,48 @@ def pulled_positions(p: Pass, tap, k: int, shape, to_param, slot: int = 0) -> np
     if not np.array_equal(np.sort(index), np.arange(size)):
         return None
     return index.astype(np.int32)
+
+
+def direction_inner_products(p: Pass, directions: list, per_leaf: bool = False):
+    """``⟨u_{q,k}, g_{n,k}⟩`` for ``Q`` directions ``u_q`` and every example, without ``g_n``.
+
+    ``directions`` holds, per float leaf ``k``, ``[Q, *leaf.shape]`` (or ``None``: zero). The
+    directions are pushed forward through the parameter-side computation to the taps' parameter
+    inputs (the transpose of its pull-back), and each tap contracts its output tangent in that
+    direction with the stored cotangents
+    (:func:`~curvjax._src.rules.generic.tangent_inner`): per example ``⟨u, g_n⟩`` is a sum over
+    taps of forward-mode products, so no ``[N, D]`` array is formed.
+
+    Returns:
+      ``[Q, N]`` (summed over leaves), or with ``per_leaf`` a list over the float leaves of
+      ``[Q, N]`` (zeros for leaves without a direction or a tap).
+    """
+    leaves = p.model.float_leaves(p.params)
+    n = p.model.num_examples
+    given = [k for k, d in enumerate(directions) if d is not None and p.model.taps_of_leaf[k]]
+    q = next(d.shape[0] for d in directions if d is not None)
+    dtype = jnp.promote_types(p.outputs.dtype, jnp.float32)
+    groups = [[k] for k in given] if per_leaf else ([given] if given else [])
+    parts = {}
+    for group in groups:
+        taps = [t for t in p.model.taps if t.leaves & set(group)]
+        values, pull_back = _param_side(p, taps, group)
+        spec = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), values)
+        push_forward = jax.linear_transpose(pull_back, spec)
+
+        def one(chosen, group=group, taps=taps, push_forward=push_forward):
+            cast = [
+                c.astype(jnp.result_type(leaves[k])) for k, c in zip(group, chosen, strict=True)
+            ]
+            (tangents,) = push_forward((cast,))
+            total = jnp.zeros((n,), dtype)
+            for t in taps:
+                total = total + generic.tangent_inner(
+                    t, p.statics[t.id], p.acts[t.id], p.cots[t.id], tangents[t.id]
+                ).astype(dtype)
+            return total
+
+        parts[tuple(group)] = jax.vmap(one)([directions[k] for k in group])
+    if not per_leaf:
+        return parts[tuple(given)] if given else jnp.zeros((q, n), dtype)
+    return [parts.get((k,), jnp.zeros((q, n), dtype)) for k in range(len(leaves))]
