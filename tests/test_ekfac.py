@@ -1,0 +1,467 @@
+"""EKFAC: eigenvalue-corrected Kronecker blocks (George et al. 2018), float64.
+
+References never go through curvjax's taps: GGN blocks are ``κ Σ_n J_nᵀ H_n J_n`` with ``J_n``
+from ``jax.jacrev`` of the model outputs and ``H_n`` from ``jax.hessian`` of the per-example loss
+(:mod:`reference`); Monte-Carlo Fisher blocks and the rotated per-example gradients come from
+``jax.vmap(jax.grad)`` of the sampled pseudo-losses ``Σ_c u_{n,m,c} f_{n,c}`` (the sampled output
+cotangents ``u`` are curvjax's, drawn with the same key: the draw is the input, everything after
+it is recomputed). Dense matrices of blocks are assembled in numpy from the blocks' fields
+(``np.kron`` per group, rows and columns permuted by ``index``).
+
+Tolerances: identities that hold exactly in float64 on O(1) numbers are checked to 1e-9 relative
+to the largest entry (observed ~1e-15); Frobenius inequalities get 1e-10 ‖G‖ of slack for
+round-off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import models
+import numpy as np
+import optax
+import pytest
+import reference
+
+import curvjax
+from curvjax._src import backprop, lm, positions
+from curvjax._src import blocks as blocks_lib
+from curvjax.optim import precondition_by_curvature, scale_by_kfac
+
+RTOL = 1e-9
+
+
+def _close(actual, expected, rtol=RTOL, what=""):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = max(np.max(np.abs(expected)), 1e-300)
+    err = np.max(np.abs(actual - expected)) / scale
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+# ---------------------------------------------------------------------------- numpy references
+
+
+def _basis(block):
+    """``[D, D]`` numpy: column ``(g, i, o)`` is ``q_{A,g,i} ⊗ q_{B,g,o}``, rows in leaf order."""
+    qa, qb = np.asarray(block.a_vectors), np.asarray(block.b_vectors)
+    canon = _block_diag([np.kron(qa[g], qb[g]) for g in range(qa.shape[0])])
+    return canon[np.asarray(block.index)]
+
+
+def _block_diag(mats):
+    size = sum(m.shape[0] for m in mats)
+    out, start = np.zeros((size, size)), 0
+    for m in mats:
+        out[start : start + m.shape[0], start : start + m.shape[0]] = m
+        start += m.shape[0]
+    return out
+
+
+def _ekfac_dense(block):
+    q = _basis(block)
+    return q @ np.diag(np.asarray(block.scaling).ravel()) @ q.T
+
+
+def _kron_dense(block):
+    a, b = np.asarray(block.a), np.asarray(block.b)
+    canon = _block_diag([np.kron(a[g], b[g]) for g in range(a.shape[0])])
+    index = np.asarray(block.index)
+    return canon[index][:, index]
+
+
+def _rotated_squares(block, grads):
+    """``Σ_r (Q_Aᵀ X_r Q_B)²`` for per-example gradients ``grads [R, D]`` in leaf order."""
+    index = np.asarray(block.index)
+    g, i, o = block.scaling.shape
+    canon = np.zeros_like(grads)
+    canon[:, index] = grads  # leaf entry j sits at canonical position index[j]
+    canon = canon.reshape(-1, g, i, o)
+    qa, qb = np.asarray(block.a_vectors), np.asarray(block.b_vectors)
+    rotated = np.einsum("gji,rgjk,gkl->rgil", qa, canon, qb)
+    return np.sum(rotated**2, axis=0)
+
+
+def _blocks(tree):
+    return jax.tree.leaves(tree, is_leaf=blocks_lib.is_block)
+
+
+def _mc_columns(apply_fn, params, batch, key, mc_samples, loss, reduction):
+    """The sampled output cotangents ``[N, M, *P, C]`` curvjax backpropagates for this key."""
+    inputs, targets, weights = positions.split_batch(batch)
+    outputs = apply_fn(params, inputs)
+    objective = positions.objective(loss, reduction, outputs, targets, weights)
+    return objective.mc_columns(key, outputs, mc_samples)
+
+
+def _pseudo_loss_grads(apply_fn, params, inputs, columns):
+    """``[N·M, D]``: ``∇_θ Σ u_{n,m} · f_n`` per example and sample (``vmap(grad)``)."""
+    flat, unravel = reference.flatten_float(params)
+
+    def one(x_n, cols_n):
+        def pseudo(v, u):
+            out = apply_fn(unravel(v), jax.tree.map(lambda a: a[None], x_n))[0]
+            return jnp.sum(out * u)
+
+        return jax.vmap(jax.grad(pseudo), in_axes=(None, 0))(flat, cols_n)
+
+    grads = jax.vmap(one)(inputs, columns)
+    return np.asarray(grads.reshape(-1, flat.size))
+
+
+# ---------------------------------------------------------------------------- (a), (b) exactness
+
+
+def test_one_dense_layer_one_example_equals_the_exact_ggn():
+    """For one example, the GGN block of a dense kernel is ``a aᵀ ⊗ Bₙ``: Kronecker, so its
+    eigenbasis is that of the factors and EKFAC (basis KFLR) reproduces it exactly."""
+    case = models.get_case("dense_single")
+    x, y = models.make_batch(case, "cross_entropy")
+    one = (x[:1], y[:1])
+    ggn = np.asarray(reference.ggn_matrix(case.apply_fn, case.params, one))
+    blocks = _blocks(curvjax.ekfac(case.apply_fn, case.params, one, basis="kflr"))
+    for block, where in zip(blocks, reference.float_slices(case.params), strict=True):
+        expected = ggn[where, where]
+        if block.kind == "eigen_kronecker":
+            _close(_ekfac_dense(block), expected, what="kernel")
+            _close(block.to_dense(), expected, what="kernel to_dense")
+        else:
+            _close(block.to_dense(), expected, what="bias")
+    assert {b.kind for b in blocks} == {"eigen_kronecker", "dense"}
+
+
+MIX = np.array([[1.0, 0.4], [-0.3, 0.8]])
+
+
+def _mixed_linear(p, x):
+    return x @ p["w"] @ jnp.asarray(MIX)
+
+
+def test_ggn_diagonal_in_the_kronecker_eigenbasis_is_recovered():
+    """``f_n = c_n e_nᵀ W M`` with MSE and example weights ``w_n``: the GGN block is
+    ``Σ_n w_n c_n² e_n e_nᵀ ⊗ M H Mᵀ``, diagonal in ``{e_n} ⊗ eig(M Mᵀ)``, the eigenbasis of the
+    KFLR factors ``A ∝ diag(c²)``, ``B ∝ M Mᵀ``. EKFAC equals it; KFLR, which spreads the average
+    weight over every input direction, does not (the weights differ)."""
+    c = np.array([1.0, 2.0, 3.0])
+    x = jnp.asarray(np.diag(c))
+    w = np.array([0.5, 1.0, 2.5])
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)))}
+    targets = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)))
+    batch = (x, targets, jnp.asarray(w))
+
+    def weighted_loss(v):
+        out = _mixed_linear({"w": v.reshape(3, 2)}, x)
+        return jnp.sum(jnp.asarray(w) * jnp.sum((out - targets) ** 2, axis=-1))
+
+    ggn = np.asarray(jax.hessian(weighted_loss)(params["w"].ravel()))  # linear model: GGN = H
+    e = curvjax.ekfac(_mixed_linear, params, batch, loss="mse", reduction="sum", basis="kflr")
+    k = curvjax.kflr(_mixed_linear, params, batch, loss="mse", reduction="sum")
+    _close(_ekfac_dense(e["w"]), ggn, what="EKFAC")
+    gap = np.linalg.norm(_kron_dense(k["w"]) - ggn) / np.linalg.norm(ggn)
+    assert gap > 0.05, f"KFLR is exact here ({gap:.1e}): the construction tests nothing"
+
+
+# ---------------------------------------------------------------------------- (c), (d) the zoo
+
+# One case per structure that changes how the factors and ``s`` are formed: a dense chain, a
+# convolution with feature groups (G > 1, positions T > 1), attention (dense kernels over T > 1
+# positions), a kernel tied over two uses, and a kernel inside a ``scan`` (steps as positions).
+# (All 33 zoo cases without batch mixing pass these checks; the rest repeat these structures.)
+ZOO = ("mlp_tanh", "cnn_grouped", "attention", "tied_plain", "scan_mlp")
+MC_SAMPLES = 2
+
+
+@functools.cache
+def _zoo(name):
+    case = models.get_case(name)
+    batch = models.make_batch(case, "cross_entropy")
+    key = jax.random.key(7)
+
+    @jax.jit
+    def run(params, batch):
+        exact = curvjax.extract(
+            case.apply_fn, params, batch, ["ekfac", "kflr"], options={"ekfac": {"basis": "kflr"}}
+        )
+        sampled = curvjax.extract(
+            case.apply_fn, params, batch, ["ekfac", "kfac"], key=key, mc_samples=MC_SAMPLES
+        )
+        cols = _mc_columns(case.apply_fn, params, batch, key, MC_SAMPLES, "cross_entropy", "mean")
+        return exact, sampled, cols
+
+    exact, sampled, cols = run(case.params, batch)
+    grads = _pseudo_loss_grads(case.apply_fn, case.params, batch[0], cols)
+    return case, batch, exact, sampled, grads
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_ekfac_is_the_projection_and_no_farther_than_kfac(name):
+    """Per Kronecker leaf, with ``Q`` the eigenbasis of the KFLR (KFAC) factors and ``G`` the exact
+    GGN block (``F`` the Monte-Carlo Fisher block of the same samples, ``Σ_{n,m} g gᵀ`` of the
+    ``vmap(grad)`` pseudo-loss gradients):
+
+    * ``s = diag(Qᵀ G Q)`` (``diag(Qᵀ F Q)``), i.e. EKFAC is the Frobenius projection of ``G``
+      onto the matrices diagonal in ``Q``;
+    * hence ``‖EKFAC − G‖_F ≤ ‖KFLR − G‖_F``: KFLR ``= Q diag(λ_A ⊗ λ_B) Qᵀ`` is diagonal in the
+      same basis, and the projection is the nearest such matrix (Pythagoras: the squared error of
+      any ``Q diag(d) Qᵀ`` is ``‖G‖² − ‖diag(QᵀGQ)‖² + ‖diag(QᵀGQ) − d‖²``). Same for KFAC vs ``F``.
+
+    Other leaves keep the block KFLR (KFAC) gives them."""
+    case, batch, exact, sampled, grads = _zoo(name)
+    ggn = np.asarray(reference.ggn_matrix(case.apply_fn, case.params, batch))
+    fisher = grads.T @ grads
+    slices = reference.float_slices(case.params)
+    pairs = [(exact["ekfac"], exact["kflr"], ggn), (sampled["ekfac"], sampled["kfac"], fisher)]
+    kron = 0
+    for ekfac_tree, kfac_tree, full in pairs:
+        for e, k, where in zip(_blocks(ekfac_tree), _blocks(kfac_tree), slices, strict=True):
+            target = full[where, where]
+            if e.kind != "eigen_kronecker":
+                _close(e.to_dense(), k.to_dense(), rtol=0.0, what=f"{name}: non-Kronecker leaf")
+                continue
+            kron += 1
+            q = _basis(e)
+            _close(e.scaling.ravel(), np.diagonal(q.T @ target @ q), what=f"{name}: s")
+            # Q is the eigenbasis of the factors returned alongside
+            rotated = q.T @ _kron_dense(k) @ q
+            _close(rotated, np.diag(np.diagonal(rotated)), what=f"{name}: basis")
+            err_e = np.linalg.norm(_ekfac_dense(e) - target)
+            err_k = np.linalg.norm(_kron_dense(k) - target)
+            assert err_e <= err_k + 1e-10 * np.linalg.norm(target), (name, err_e, err_k)
+    assert kron >= 2
+
+
+def test_scaling_from_rotated_per_example_gradients_conv():
+    """``s`` of a grouped convolution (G > 1, T > 1 positions) against ``Σ (Q_Aᵀ g Q_B)²`` of the
+    ``vmap(grad)`` gradients of the sampled pseudo-losses."""
+    case, _, _, sampled, grads = _zoo("cnn_grouped")
+    groups = []
+    for e, where in zip(
+        _blocks(sampled["ekfac"]), reference.float_slices(case.params), strict=True
+    ):
+        if e.kind == "eigen_kronecker":
+            groups.append(e.scaling.shape[0])
+            _close(e.scaling, _rotated_squares(e, grads[:, where]), what="conv s")
+    assert max(groups) > 1
+
+
+LM_CONFIG = lm.Config(vocab_size=7, width=8, num_heads=2, num_layers=1, seq_len=4, mlp_ratio=2)
+
+
+def test_scaling_of_a_language_model_with_padding():
+    """``[N, T, V]`` outputs, token-mean loss, a padding mask: ``s`` against the rotated
+    ``vmap(grad)`` pseudo-loss gradients (padded positions carry zero cotangents), for the
+    Monte-Carlo basis; and for the exact basis, ``s = diag(Qᵀ G Q)`` with the masked GGN block
+    ``κ Σ_{n,t} w_{n,t} J_{n,t}ᵀ H_{n,t} J_{n,t}`` from ``jax.jacrev`` / ``jax.hessian``."""
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), lm.init(jax.random.key(0), LM_CONFIG))
+    apply_fn = lm.make_apply_fn(LM_CONFIG)
+    n, t, v = 3, LM_CONFIG.seq_len, LM_CONFIG.vocab_size
+    tokens = jax.random.randint(jax.random.key(1), (n, t), 0, v)
+    targets = jax.random.randint(jax.random.key(2), (n, t), 0, v)
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    batch = (tokens, targets, mask)
+    key = jax.random.key(3)
+    kwargs = {"loss": "cross_entropy", "reduction": "token_mean"}
+
+    @jax.jit
+    def run(params, batch):
+        out = curvjax.extract(
+            apply_fn, params, batch, ["ekfac"], key=key, mc_samples=MC_SAMPLES, **kwargs
+        )
+        exact = curvjax.ekfac(apply_fn, params, batch, basis="kflr", **kwargs)
+        cols = _mc_columns(apply_fn, params, batch, key, MC_SAMPLES, **kwargs)
+        return out["ekfac"], exact, cols
+
+    sampled, exact, cols = run(params, batch)
+    grads = _pseudo_loss_grads(apply_fn, params, tokens, cols)
+    flat, unravel = reference.flatten_float(params)
+    jac = np.asarray(jax.jacrev(lambda p: apply_fn(unravel(p), tokens))(flat))  # [N, T, V, D]
+    probs = np.asarray(jax.nn.softmax(apply_fn(params, tokens), axis=-1))
+    hess = np.einsum("ntv,vw->ntvw", probs, np.eye(v)) - np.einsum("ntv,ntw->ntvw", probs, probs)
+    weights = np.asarray(mask) / np.sum(mask)  # κ w_{n,t}
+    slices = reference.float_slices(params)
+    checked = 0
+    for e_mc, e_exact, where in zip(_blocks(sampled), _blocks(exact), slices, strict=True):
+        if e_mc.kind != "eigen_kronecker":
+            continue
+        checked += 1
+        _close(e_mc.scaling, _rotated_squares(e_mc, grads[:, where]), what="LM s (Monte-Carlo)")
+        j = jac[..., where]
+        block = np.einsum("nt,ntvi,ntvw,ntwj->ij", weights, j, hess, j)
+        q = _basis(e_exact)
+        _close(e_exact.scaling.ravel(), np.diagonal(q.T @ block @ q), what="LM s (exact)")
+    assert checked >= 4  # q/k/v/output projections and the MLP kernels
+
+
+# ---------------------------------------------------------------------------- (e) operators
+
+
+G_, I_, O_ = 2, 3, 4
+LEAF = (O_, G_ * I_)
+
+
+def _orthogonal(rng, n):
+    return np.linalg.qr(rng.normal(size=(n, n)))[0]
+
+
+def _random_block(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    qa = np.stack([_orthogonal(rng, I_) for _ in range(G_)])
+    qb = np.stack([_orthogonal(rng, O_) for _ in range(G_)])
+    s = scale * rng.uniform(0.1, 2.0, size=(G_, I_, O_))
+    index = rng.permutation(G_ * I_ * O_)
+    return curvjax.EigenKroneckerBlock(jnp.asarray(qa), jnp.asarray(qb), jnp.asarray(s), index)
+
+
+def test_block_operations_against_a_dense_reference():
+    block = _random_block(0)
+    dense = _ekfac_dense(block)
+    damping = 0.3
+    damped = dense + damping * np.eye(dense.shape[0])
+    values, vectors = np.linalg.eigh(damped)
+    v = np.random.default_rng(1).normal(size=LEAF)
+    flat = v.ravel()
+    vj = jnp.asarray(v)
+    _close(block.to_dense(), dense, what="to_dense")
+    _close(curvjax.block_to_dense(block), dense, what="block_to_dense")
+    _close(block.matvec(vj), (dense @ flat).reshape(LEAF), what="matvec")
+    _close(np.sort(block.eigenvalues()), np.linalg.eigvalsh(dense), what="eigenvalues")
+    _close(block.trace(), np.trace(dense), what="trace")
+    assert block.eigh() is block
+    _close(
+        block.damped_solve(vj, damping), np.linalg.solve(damped, flat).reshape(LEAF), what="solve"
+    )
+    for factored in (True, False):  # no factored damping for EKFAC: the flag is ignored
+        power = (vectors * values**-0.5) @ vectors.T @ flat
+        _close(block.damped_power(vj, damping, -0.5, factored=factored), power.reshape(LEAF))
+    root = block.damped_inverse_sqrt(damping, scale=2.0).to_dense()
+    _close(root @ root.T, 4.0 * np.linalg.inv(damped), what="inverse sqrt")
+    assert block.damped_inverse_sqrt(damping).sample(jax.random.key(0)).shape == (dense.shape[0],)
+    prior = block.prior_root(0.5).to_dense()
+    _close(prior @ prior.T, 0.25 * np.eye(dense.shape[0]), what="prior root")
+    negative = block._replace(scaling=block.scaling - 1.0)
+    _close(negative.nonnegative().scaling, np.clip(np.asarray(block.scaling) - 1.0, 0.0, None))
+    # a pytree of the three float arrays, ``index`` static
+    leaves, treedef = jax.tree.flatten(block)
+    assert len(leaves) == 3 and jax.tree.unflatten(treedef, leaves).same_layout(block)
+    _close(
+        jax.jit(lambda b, x: b.damped_solve(x, damping))(block, vj), block.damped_solve(vj, damping)
+    )
+
+
+def test_moving_average_projects_onto_the_new_basis():
+    """``decay · old + (1 − decay) · new`` kept in the new block's eigenbasis ``Q``: the
+    Frobenius projection ``Q diag(diag(Qᵀ (decay C_old + (1 − decay) C_new) Q)) Qᵀ``."""
+    old, new = _random_block(2), _random_block(3)
+    new = new._replace(index=old.index)
+    avg = new.moving_average(old, 0.3)
+    q = _basis(new)
+    mixed = 0.3 * _ekfac_dense(old) + 0.7 * _ekfac_dense(new)
+    _close(_ekfac_dense(avg), q @ np.diag(np.diagonal(q.T @ mixed @ q)) @ q.T, what="average")
+    assert new.conform(avg, LEAF) is avg
+    with pytest.raises(ValueError, match="eigenvalue-corrected"):
+        new.conform(curvjax.DiagonalBlock(jnp.ones(LEAF)), LEAF)
+
+
+# ---------------------------------------------------------------------------- (f) extract
+
+
+def _mlp(p, x):
+    return jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
+
+
+def _mlp_problem(seed=0, n=7):
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(4, 5)) / 2),
+        "b1": jnp.asarray(rng.normal(size=5) / 4),
+        "w2": jnp.asarray(rng.normal(size=(5, 3)) / 2),
+    }
+    batch = (jnp.asarray(rng.normal(size=(n, 4))), jnp.asarray(rng.integers(0, 3, n)))
+    return params, batch
+
+
+def test_extract_shares_the_kfac_factors_and_matches_the_public_functions(monkeypatch):
+    params, batch = _mlp_problem()
+    key = jax.random.key(0)
+    calls = []
+    original = backprop.Pass.reduce_columns
+
+    def counting(self, fn, columns, **kwargs):
+        calls.append(columns.shape)
+        return original(self, fn, columns, **kwargs)
+
+    monkeypatch.setattr(backprop.Pass, "reduce_columns", counting)
+    out = curvjax.extract(_mlp, params, batch, ["ekfac", "kfac"], key=key, mc_samples=2)
+    # the factors' backpropagation serves both; EKFAC adds one more of the same vectors for s
+    assert calls == [(7, 2, 3), (7, 2, 3)]
+    calls.clear()
+    alone = curvjax.ekfac(_mlp, params, batch, key=key, mc_samples=2)
+    assert len(calls) == 2
+    kfac = curvjax.kfac(_mlp, params, batch, key=key, mc_samples=2)
+    for name in params:
+        _close(out["ekfac"][name].to_dense(), alone[name].to_dense(), what=name)
+        _close(out["kfac"][name].to_dense(), kfac[name].to_dense(), what=name)
+    assert isinstance(out["ekfac"]["w1"], curvjax.EigenKroneckerBlock)
+    assert isinstance(out["ekfac"]["b1"], curvjax.DenseBlock)
+    with pytest.raises(ValueError, match="basis='fisher' is not one of"):
+        curvjax.ekfac(_mlp, params, batch, basis="fisher")
+    with pytest.raises(ValueError, match="key"):
+        curvjax.ekfac(_mlp, params, batch)  # the Monte-Carlo basis needs a key
+
+
+# ---------------------------------------------------------------------------- (g) optimizers
+
+
+def _ekfac_dense_tree(blocks):
+    return {
+        name: _ekfac_dense(b) if b.kind == "eigen_kronecker" else np.asarray(b.to_dense())
+        for name, b in blocks.items()
+    }
+
+
+def test_preconditioner_and_kfac_optimizer_with_ekfac_equal_dense_steps():
+    """``precondition_by_curvature`` with EKFAC blocks solves ``(C + λ + η) d = ∇L + ηθ`` per
+    leaf; ``scale_by_kfac(quantity="ekfac")`` does the same with the moving average, which for
+    EKFAC blocks is the projection of ``½ C₁ + ½ C₂`` onto ``C₂``'s eigenbasis at step 2."""
+    params, _ = _mlp_problem(1)
+    batches = [_mlp_problem(1 + k)[1] for k in range(2)]
+    lam, eta = 0.05, 0.01
+    pre = precondition_by_curvature(lam, eta)
+    opt = scale_by_kfac(
+        _mlp, batches[0][0], damping=lam, l2=eta, inverse_interval=1, quantity="ekfac"
+    )
+
+    @jax.jit
+    def step(state, batch, key):
+        out = curvjax.extract(_mlp, params, batch, ["ekfac"], key=key)
+        d_pre, _ = pre.update(out["grad"], pre.init(params), params, curvature=out["ekfac"])
+        d_kfac, state = opt.update(out["grad"], state, params, curvature=out["ekfac"])
+        return out, d_pre, d_kfac, state
+
+    state = opt.init(params)
+    previous = None
+    for k, batch in enumerate(batches):
+        out, d_pre, d_kfac, state = step(state, batch, jax.random.key(k))
+        current = _ekfac_dense_tree(out["ekfac"])
+        if previous is None:
+            averaged = current
+        else:  # in the new basis Q: diag(Qᵀ (½ C₁ + ½ C₂) Q); dense blocks averaged as they are
+            averaged = {}
+            for name, block in out["ekfac"].items():
+                mixed = 0.5 * previous[name] + 0.5 * current[name]
+                if block.kind == "eigen_kronecker":
+                    q = _basis(block)
+                    mixed = q @ np.diag(np.diagonal(q.T @ mixed @ q)) @ q.T
+                averaged[name] = mixed
+        for name in params:
+            rhs = np.asarray(out["grad"][name] + eta * params[name]).ravel()
+            shift = (lam + eta) * np.eye(rhs.size)
+            expected = np.linalg.solve(current[name] + shift, rhs)
+            _close(np.ravel(d_pre[name]), expected, what=f"precondition {name}")
+            expected = np.linalg.solve(averaged[name] + shift, rhs)
+            _close(np.ravel(d_kfac[name]), expected, what=f"scale_by_kfac step {k} {name}")
+        previous = averaged
+    assert int(state.count) == 2
+    updates = optax.apply_updates(params, d_kfac)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(updates))
