@@ -140,13 +140,52 @@ def _fit(apply_fn, params, curvature, curvature_batch, *, loss, reduction, key):
         )
     if curvature in solve.CURVATURES:
         return curvature
+    step = _jitted(_fit_blocks, apply_fn, name=curvature, loss=loss, reduction=reduction)
+    return step(params, curvature_batch, key)
+
+
+def _fit_blocks(apply_fn, params, curvature_batch, key, *, name, loss, reduction):
     kwargs = dict(loss=loss, reduction=reduction)
-    if curvature == "kfac":
+    if name == "kfac":
         return second_order.kfac(apply_fn, params, curvature_batch, key=key, **kwargs)
-    if curvature == "kflr":
+    if name == "kflr":
         return second_order.kflr(apply_fn, params, curvature_batch, **kwargs)
     basis = "kflr" if key is None else "kfac"
     return second_order.ekfac(apply_fn, params, curvature_batch, key=key, basis=basis, **kwargs)
+
+
+def _cg_queries(
+    apply_fn, params, queries, curvature_batch, damping, tol, *, name, loss, reduction, maxiter
+):
+    """``(∇ℓ_q, (C + λ I)⁻¹ ∇ℓ_q, info)`` by conjugate gradients, all queries at once."""
+    grads = query_gradients(apply_fn, params, queries, loss=loss)
+
+    def one(g):
+        return solve.cg_solve(
+            apply_fn,
+            params,
+            curvature_batch,
+            g,
+            damping=damping,
+            curvature=name,
+            loss=loss,
+            reduction=reduction,
+            maxiter=maxiter,
+            tol=tol,
+        )
+
+    pre, info = jax.vmap(one)(grads)
+    return grads, pre, info
+
+
+def _block_queries(apply_fn, params, queries, curvature, damping, *, loss, factored):
+    """``(∇ℓ_q, (C + λ I)⁻¹ ∇ℓ_q)`` for every query (the blocks' factorisations shared)."""
+    grads = query_gradients(apply_fn, params, queries, loss=loss)
+
+    def one(g):
+        return solve.inverse_curvature_product(curvature, g, damping=damping, factored=factored)
+
+    return grads, jax.vmap(one)(grads)
 
 
 def precondition(
@@ -218,24 +257,13 @@ def precondition(
     fitted = _fit(
         apply_fn, params, curvature, curvature_batch, loss=loss, reduction=reduction, key=key
     )
-    grads = query_gradients(apply_fn, params, queries, loss=loss)
     if isinstance(fitted, str):
-
-        def one(g):
-            return solve.cg_solve(
-                apply_fn,
-                params,
-                curvature_batch,
-                g,
-                damping=damping,
-                curvature=fitted,
-                loss=loss,
-                reduction=reduction,
-                maxiter=maxiter,
-                tol=tol,
-            )
-
-        pre, info = jax.vmap(one)(grads)
+        if not isinstance(maxiter, int | np.integer) or maxiter < 1:
+            raise ValueError(f"maxiter={maxiter!r}; give the most products, an integer ≥ 1.")
+        step = _jitted(
+            _cg_queries, apply_fn, name=fitted, loss=loss, reduction=reduction, maxiter=maxiter
+        )
+        grads, pre, info = step(params, queries, curvature_batch, damping, tol)
         converged = info.converged
         if not isinstance(converged, jax.core.Tracer):
             if not np.all(np.asarray(converged)):
@@ -260,10 +288,8 @@ def precondition(
             )
         return PreconditionedQueries(grads, pre, info)
 
-    def one_block(g):
-        return solve.inverse_curvature_product(fitted, g, damping=damping, factored=factored)
-
-    pre = jax.vmap(one_block)(grads)
+    step = _jitted(_block_queries, apply_fn, loss=loss, factored=factored)
+    grads, pre = step(params, queries, fitted, damping)
     return PreconditionedQueries(grads, pre, None)
 
 
@@ -442,8 +468,25 @@ def scores(
             maxiter=maxiter,
             tol=tol,
         )
-    step = jax.jit(functools.partial(batch_scores, apply_fn, loss=loss, per_layer=per_layer))
+    step = _jitted(batch_scores, apply_fn, loss=loss, per_layer=per_layer)
     return _stream(lambda batch: step(params, queries, batch), train_batches, per_layer)
+
+
+#: ``fn`` -> ``jax.jit(fn)`` with ``apply_fn`` and the keyword options static (see :func:`_jitted`)
+_COMPILED: dict = {}
+
+
+def _jitted(fn, apply_fn, **static):
+    """``fn(apply_fn, *args, **static)`` jitted; compiled once per ``apply_fn`` and options when
+    they are hashable (repeated calls reuse the compilation), else once per call."""
+    try:
+        hash((apply_fn, *static.values()))
+    except TypeError:
+        return jax.jit(functools.partial(fn, apply_fn, **static))
+    if fn not in _COMPILED:
+        _COMPILED[fn] = jax.jit(fn, static_argnums=0, static_argnames=tuple(static))
+    compiled = _COMPILED[fn]
+    return lambda *args, **kwargs: compiled(apply_fn, *args, **kwargs, **static)
 
 
 # ------------------------------------------------------------------------------- self-influence
@@ -592,14 +635,14 @@ def _cg_self_influence(
     apply_fn,
     params,
     batch,
+    curvature_batch,
+    damping,
+    tol,
     *,
     curvature,
-    damping,
     loss,
     reduction,
-    curvature_batch,
     maxiter,
-    tol,
     per_layer,
 ):
     """Self-influence for the exact curvature: per-example gradients, one CG solve each."""
@@ -693,24 +736,18 @@ def self_influence(
         apply_fn, params, curvature, curvature_batch, loss=loss, reduction=reduction, key=key
     )
     if isinstance(fitted, str):
-        step = jax.jit(
-            lambda params, batch: _cg_self_influence(
-                apply_fn,
-                params,
-                batch,
-                curvature=fitted,
-                damping=damping,
-                loss=loss,
-                reduction=reduction,
-                curvature_batch=curvature_batch,
-                maxiter=maxiter,
-                tol=tol,
-                per_layer=per_layer,
-            )
+        step = _jitted(
+            _cg_self_influence,
+            apply_fn,
+            curvature=fitted,
+            loss=loss,
+            reduction=reduction,
+            maxiter=maxiter,
+            per_layer=per_layer,
         )
 
         def checked(batch):
-            values, info = step(params, batch)
+            values, info = step(params, batch, curvature_batch, damping, tol)
             if not np.all(np.asarray(info.converged)):
                 bad = np.flatnonzero(~np.asarray(info.converged)).tolist()
                 raise ValueError(
@@ -720,10 +757,8 @@ def self_influence(
             return values
 
         return _stream(checked, train_batches, per_layer)
-    step = jax.jit(
-        functools.partial(
-            batch_self_influence, apply_fn, loss=loss, factored=factored, per_layer=per_layer
-        )
+    step = _jitted(
+        batch_self_influence, apply_fn, loss=loss, factored=factored, per_layer=per_layer
     )
     return _stream(
         lambda batch: step(params, fitted, batch, damping=damping), train_batches, per_layer
