@@ -13,7 +13,9 @@ Kronecker layout: :class:`KroneckerBlock` is ``P (⊕_g A_g ⊗ B_g) Pᵀ``; ent
 vector is a stack of matrices ``X_g [I, O]`` and ``(A ⊗ B) vec(X) = vec(A X Bᵀ)`` for the row-major
 ``vec``. ``index`` is static layout data: blocks are pytrees whose leaves are the float arrays only,
 with ``index`` in the tree's auxiliary data, so ``jax.tree.map`` (e.g. a moving average) touches
-``a`` and ``b`` and never ``index``.
+``a`` and ``b`` and never ``index``. :class:`EigenKroneckerBlock` (EKFAC) shares this layout: it
+holds the factors' eigenbases and, in place of the products of their eigenvalues, fitted ones
+``s [G, I, O]``; its damping is always exact (``s + c``), never factored.
 
 Factored Tikhonov damping (Martens & Grosse 2015, §6.3) replaces ``A ⊗ B + c I`` by
 

@@ -419,11 +419,12 @@ def ekfac(
       >>> import jax, jax.numpy as jnp, curvjax
       >>> apply_fn = lambda p, x: x @ p["w"]
       >>> batch = (jnp.ones((5, 4)), jnp.array([0, 1, 2, 0, 1]))
-      >>> blocks = curvjax.ekfac(apply_fn, {"w": jnp.ones((4, 3))}, batch, basis="kflr")
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> blocks = curvjax.ekfac(apply_fn, params, batch, basis="kflr")
       >>> blocks["w"].scaling.shape
       (1, 4, 3)
-      >>> bool(jnp.isclose(blocks["w"].trace(), curvjax.ggn_diag(apply_fn, {"w": jnp.ones((4, 3))},
-      ...                                                         batch)["w"].sum()))
+      >>> diagonal = curvjax.ggn_diag(apply_fn, params, batch)["w"]  # same trace: tr G
+      >>> bool(jnp.isclose(blocks["w"].trace(), diagonal.sum()))
       True
 
     References:
