@@ -15,6 +15,7 @@ the network: MathJax is served from the build's own ``_static`` folder.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import sys
@@ -53,9 +54,10 @@ _copy_notebooks()
 project = "curvjax"
 author = "the curvjax authors"
 copyright = "2026, the curvjax authors"  # noqa: A001
+# From the installed metadata, without importing curvjax (and jax) in the main process.
 try:
-    from curvjax import __version__ as release
-except ImportError:  # pragma: no cover - the build installs curvjax first
+    release = importlib.metadata.version("curvjax")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - the build installs curvjax
     release = ""
 version = release
 
@@ -100,7 +102,8 @@ nb_execution_show_tb = True
 # -- HTML -------------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"curvjax {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"
 html_show_sourcelink = False
 html_last_updated_fmt = None
 
