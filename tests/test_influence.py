@@ -215,6 +215,16 @@ def test_conv_model():
     )
     expected = dense_scores(g_m[:2], g_m, dense, LAMBDA)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+    # one query: the convolutions contract forward-mode tangents instead of chunked gradients
+    one = influence.scores(
+        case.apply_fn,
+        case.params,
+        jax.tree.map(lambda x: x[:1], queries),
+        [train],
+        damping=LAMBDA,
+        curvature=tree,
+    )
+    np.testing.assert_allclose(one, expected[:1], rtol=RTOL, atol=RTOL * np.abs(expected).max())
     self_inf = influence.self_influence(
         case.apply_fn, case.params, [train], damping=LAMBDA, curvature=tree
     )

@@ -481,14 +481,18 @@ def pulled_positions(p: Pass, tap, k: int, shape, to_param, slot: int = 0) -> np
 
 
 def direction_inner_products(p: Pass, directions: list, per_leaf: bool = False):
-    """``⟨u_{q,k}, g_{n,k}⟩`` for ``Q`` directions ``u_q`` and every example, without ``g_n``.
+    """``⟨u_{q,k}, g_{n,k}⟩`` for ``Q`` directions ``u_q`` and every example, without ``[N, D]``.
 
     ``directions`` holds, per float leaf ``k``, ``[Q, *leaf.shape]`` (or ``None``: zero). The
     directions are pushed forward through the parameter-side computation to the taps' parameter
     inputs (the transpose of its pull-back), and each tap contracts its output tangent in that
     direction with the stored cotangents
-    (:func:`~curvjax._src.rules.generic.tangent_inner`): per example ``⟨u, g_n⟩`` is a sum over
-    taps of forward-mode products, so no ``[N, D]`` array is formed.
+    (:func:`~curvjax._src.rules.generic.tangent_inner`; for a dense tap
+    ``Σ_t a_{n,t}ᵀ U_q b_{n,t}``): a sum over taps of forward-mode products, ``Q T I O`` per
+    example and no gradient formed. A leaf of one bilinear tap whose weight is shared over
+    ``T > 1`` positions (convolutions, sequences) with ``(T - 1)(Q - 1) > 1`` instead forms its
+    per-example gradient ``G_n = Σ_t a_{n,t} b_{n,t}ᵀ`` a chunk of examples at a time and
+    contracts it with the ``U_q`` (``T I O + Q I O`` per example), as :func:`sq_norms` does.
 
     Returns:
       ``[Q, N]`` (summed over leaves), or with ``per_leaf`` a list over the float leaves of
@@ -499,8 +503,29 @@ def direction_inner_products(p: Pass, directions: list, per_leaf: bool = False):
     given = [k for k, d in enumerate(directions) if d is not None and p.model.taps_of_leaf[k]]
     q = next(d.shape[0] for d in directions if d is not None)
     dtype = jnp.promote_types(p.outputs.dtype, jnp.float32)
-    groups = [[k] for k in given] if per_leaf else ([given] if given else [])
     parts = {}
+    cols = p.columns_of_gradient()
+    for k in list(given):
+        tap = fast_tap_of(p.model, k)
+        if tap is None:
+            continue
+        form = rules.bilinear_form(tap, p.acts[tap.id], cols[tap.id])
+        _, g, t, i = form.a.shape
+        o = form.b.shape[-1]
+        if (t - 1) * (q - 1) <= 1:
+            continue
+        index = canonical_index(p, tap, k, form)
+        flat = directions[k].reshape(q, -1).astype(form.a.dtype)
+        canon = jnp.zeros((q, g * i * o), flat.dtype).at[:, index].set(flat).reshape(q, g, i, o)
+
+        def contract(ab, canon=canon):
+            grads = jnp.einsum("ngti,ngto->ngio", *ab)
+            return jnp.einsum("ngio,qgio->nq", grads, canon)
+
+        chunk = chunking.chunk_size(n, g * i * o + q)
+        parts[(k,)] = chunking.chunked_map(contract, (form.a, form.b[:, 0]), chunk).T.astype(dtype)
+        given.remove(k)
+    groups = [[k] for k in given] if per_leaf else ([given] if given else [])
     for group in groups:
         taps = [t for t in p.model.taps if t.leaves & set(group)]
         values, pull_back = _param_side(p, taps, group)
@@ -521,5 +546,5 @@ def direction_inner_products(p: Pass, directions: list, per_leaf: bool = False):
 
         parts[tuple(group)] = jax.vmap(one)([directions[k] for k in group])
     if not per_leaf:
-        return parts[tuple(given)] if given else jnp.zeros((q, n), dtype)
+        return sum(parts.values(), jnp.zeros((q, n), dtype))
     return [parts.get((k,), jnp.zeros((q, n), dtype)) for k in range(len(leaves))]
