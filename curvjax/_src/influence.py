@@ -27,7 +27,10 @@ The query gradients are preconditioned once (:func:`precondition`). Each trainin
 costs one forward and one backward pass and, per parameter tap, one forward-mode product: for a
 tap with input ``a_m`` and output cotangent ``b_m``, ``⟨p_q, ∇ℓ_m⟩`` is the tap's output tangent
 in the direction ``p_q`` contracted with ``b_m`` (for a dense layer ``Σ_t a_{m,t}ᵀ P_q b_{m,t}``),
-so no ``[N, D]`` per-example gradients are formed.
+so no ``[N, D]`` per-example gradients are formed. A kernel shared over ``T > 1`` positions
+(convolutions, sequence models) with several queries instead forms its own per-example gradient
+``Σ_t a_{m,t} b_{m,t}ᵀ`` a chunk of examples at a time, where that costs fewer operations
+(``T I O + Q I O`` against ``Q T I O`` per example).
 
 References:
   Koh & Liang, "Understanding black-box predictions via influence functions", ICML 2017.
@@ -341,7 +344,8 @@ def batch_scores(
 
     The pure function :func:`scores` maps (jitted) over the batches: one forward and one backward
     pass of the batch, then per parameter tap the output tangent in the direction ``p_q``
-    contracted with the stored cotangent of ``ℓ_m`` (no per-example gradients).
+    contracted with the stored cotangent of ``ℓ_m`` (no ``[N, D]`` per-example gradients; see
+    the module docstring for kernels shared over positions).
 
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs [N, *P, C]`` (examples independent).
