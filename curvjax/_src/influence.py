@@ -263,6 +263,8 @@ def precondition(
     if isinstance(fitted, str):
         if not isinstance(maxiter, int | np.integer) or maxiter < 1:
             raise ValueError(f"maxiter={maxiter!r}; give the most products, an integer ≥ 1.")
+        if not isinstance(tol, jax.core.Tracer) and not float(tol) > 0:
+            raise ValueError(f"tol={tol!r}; give the relative residual to reach, a number > 0.")
         step = _jitted(
             _cg_queries, apply_fn, name=fitted, loss=loss, reduction=reduction, maxiter=maxiter
         )
