@@ -454,22 +454,32 @@ def test_per_example_quadratic_form_of_the_damped_inverse():
 
     @jax.jit
     def run(params, batch):
-        blocks = _blocks(curvjax.ekfac(_pooled, params, batch, basis="kflr"))
+        # positions pooled before the loss: the eigenbases of KFLR-reduce (s does not depend on it)
+        blocks = _blocks(
+            curvjax.ekfac(_pooled, params, batch, basis="kflr", approximation="reduce")
+        )
+        factors = _blocks(curvjax.kflr(_pooled, params, batch, approximation="reduce"))
         p = backprop.run(_pooled, params, batch)
         cols = p.columns_of_gradient()
-        return blocks, {
-            k: ekfac_lib.per_example_quadratic(
-                blocks[k],
-                kronecker.forms_of(p, uses, cols),
-                1.0 / blocks[k].damped_scaling(damping),
-            )
-            for k, uses in kronecker.kernel_uses(p).items()
-        }
+        return (
+            blocks,
+            factors,
+            {
+                k: ekfac_lib.per_example_quadratic(
+                    blocks[k],
+                    kronecker.forms_of(p, uses, cols),
+                    1.0 / blocks[k].damped_scaling(damping),
+                )
+                for k, uses in kronecker.kernel_uses(p).items()
+            },
+        )
 
-    blocks, quadratic = run(params, batch)
+    blocks, factors, quadratic = run(params, batch)
     grads = reference.per_example_grads(_pooled, params, batch)
     assert sorted(quadratic) == [0, 1]
     for k, name in enumerate(sorted(params)):
+        rotated = _basis(blocks[k]).T @ _kron_dense(factors[k]) @ _basis(blocks[k])
+        _close(rotated, np.diag(np.diagonal(rotated)), what=f"{name}: basis of KFLR-reduce")
         g = np.asarray(grads[name]).reshape(5, -1)
         damped = _ekfac_dense(blocks[k]) + damping * np.eye(g.shape[1])
         expected = np.einsum("ni,ni->n", g, np.linalg.solve(damped, g.T).T)
