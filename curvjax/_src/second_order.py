@@ -385,7 +385,7 @@ def ekfac(
 
     with ``b_{n,c}`` the cotangents of the vectors that define ``B`` (the ``M`` Monte-Carlo
     columns, each carrying ``1/√M``, for ``"kfac"``; the ``C`` columns of ``√κ S_n`` for
-    ``"kflr"``), so that ``Σ_{n,c} g g ᵀ`` is the Monte-Carlo Fisher block (``"kfac"``) or the
+    ``"kflr"``), so that ``Σ_{n,c} g gᵀ`` is the Monte-Carlo Fisher block (``"kfac"``) or the
     exact GGN block (``"kflr"``). ``C`` is the Frobenius projection of that block onto the
     matrices diagonal in ``Q_A ⊗ Q_B``, so it is never farther from it (in Frobenius norm) than
     ``A ⊗ B``; it equals the exact GGN block for one dense layer seeing one example
