@@ -7,7 +7,7 @@ Usage::
     python benchmarks/report.py --results DIR --output FILE
 
 For each experiment (``overhead``, ``curvature``, ``spectrum``, ``optimizers``, ``transformer``,
-``private``, ``fuzz``) it writes one
+``private``, ``influence``, ``fuzz``) it writes one
 current table per machine (``results/<experiment>-<machine>.json``: the newest run on that
 machine, CPU or GPU) with the machine described. Older runs are only in the changelog at the end:
 the files ``results/history/*.json`` (where ``harness.write_results`` moves a result it replaces),
@@ -36,6 +36,7 @@ EXPERIMENTS = (
     ("optimizers", "Second-order optimizers against kfac-jax and Adam (`optimizers.py`)"),
     ("transformer", "A GPT-style language model against curvlinops (`transformer.py`)"),
     ("private", "Per-example clipping for DP-SGD against jax-privacy and Opacus (`private.py`)"),
+    ("influence", "Influence functions with EK-FAC against kronfluence (`influence.py`)"),
     ("fuzz", "Random models against float64 references (`fuzz.py`)"),
 )
 
@@ -326,6 +327,106 @@ def private_table(document: dict[str, Any]) -> str:
     return "\n\n".join(blocks + notes)
 
 
+def _met(value: bool) -> str:
+    return "met" if value else "**MISSED**"
+
+
+def influence_table(document: dict[str, Any]) -> str:
+    """The influence experiment: EK-FAC factors over the gradient, scoring throughput, and the
+    agreement of the two libraries' scores, one table per model."""
+    targets = document["settings"].get("targets", {})
+    blocks = []
+    for r in document["results"]:
+        jax_rows, scores = r["jax"], r.get("scores") or {}
+        torch_rows, peer = r.get("torch") or {}, r.get("kronfluence_scores") or {}
+        ekfac, grad = jax_rows["curvjax.ekfac"], jax_rows["grad"]
+        shape = f"N = {r['batch_size']}" + (f", T = {r['seq_len']}" if r.get("seq_len") else "")
+        lines = [
+            f"#### {r['model']}: {r['num_params']:,} parameters, {shape}, {r['reduction']} "
+            f"cross-entropy; {scores.get('num_queries', r.get('queries'))} queries against "
+            f"{r['train_batches']} training batches",
+            "",
+            f"Damping λ = {r['damping']:.3g} (0.1 × curvjax's mean corrected eigenvalue over the "
+            f"kernels); kronfluence gets β λ with β = {r['beta']:g}"
+            + (
+                " (its own heuristic would be "
+                + f"{min(r['kronfluence_heuristic_damping'].values()):.3g} to "
+                + f"{max(r['kronfluence_heuristic_damping'].values()):.3g} per module)"
+                if r.get("kronfluence_heuristic_damping")
+                else ""
+            )
+            + ".",
+            "",
+            "| library | gradient ms | EK-FAC factors ms | × its gradient | fastest × | "
+            "first call s | scored examples / s | scoring s | first call s | GFLOP | temp MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| curvjax | {grad['seconds'] * 1e3:.1f} | {ekfac['seconds'] * 1e3:.1f} "
+            f"| {ekfac['ratio']:.2f} | {ekfac['fastest_ratio']:.2f} "
+            f"| {_fmt(ekfac['first_call_seconds'], 1)} "
+            f"| {_fmt(scores.get('examples_per_second'), 1)} | {_fmt(scores.get('seconds'), 2)} "
+            f"| {_fmt(scores.get('first_call_seconds'), 1)} "
+            f"| {_fmt(_ratio(ekfac.get('flops'), 1e9), 2)} "
+            f"| {_fmt(_ratio(ekfac.get('temp_bytes'), MIB), 1)} |",
+        ]
+        if "influence.scores" not in r.get("unavailable", {}) and scores:
+            lines.append(
+                f"| curvjax, one `influence.scores` call | | | | | "
+                f"| {_fmt(scores.get('call_examples_per_second'), 1)} "
+                f"| {_fmt(scores.get('call_seconds'), 2)} | | | |"
+            )
+        if torch_rows:
+            fit = torch_rows["kronfluence ekfac"]
+            lines.append(
+                f"| kronfluence | {torch_rows['backward']['seconds'] * 1e3:.1f} "
+                f"| {fit['seconds'] * 1e3:.1f} | {fit['ratio']:.2f} | {fit['fastest_ratio']:.2f} "
+                f"| {_fmt(fit['first_call_seconds'], 1)} "
+                f"| {_fmt(peer.get('examples_per_second'), 1)} | {_fmt(peer.get('seconds'), 2)} "
+                f"| {_fmt(peer.get('first_call_seconds'), 1)} | — | — |"
+            )
+        notes = [
+            "curvjax's GFLOP and temp are XLA's for the EK-FAC call (scores: "
+            f"{_fmt(_ratio(scores.get('batch_flops'), 1e9), 2)} GFLOP and "
+            f"{_fmt(_ratio(scores.get('batch_temp_bytes'), MIB), 1)} MiB temp per training "
+            f"batch, {_fmt(scores.get('batch_flops_over_grad'))} × the gradient's flops). "
+            f"Scoring: {scores.get('num_queries')} queries against every training example, "
+            "query gradients and their preconditioning included; curvjax's first row streams the batches through its "
+            "compiled batch step, the second is one whole `influence.scores` call."
+        ]
+        agreement = r.get("agreement") or {}
+        if "spearman_mean" in agreement:
+            notes.append(
+                "Same factors (most probable label in both): Spearman "
+                f"{agreement['spearman_mean']:.4f} mean over queries "
+                f"(min {agreement['spearman_min']:.4f}, all pairs "
+                f"{agreement['spearman_all_pairs']:.4f}); curvjax = β × kronfluence to "
+                f"{_sci(agreement.get('relative_error_after_predicted_scale'))} "
+                f"(fitted scale {agreement['fitted_scale']:.5g}); β Σ s = Σ Λ per kernel to "
+                f"{_sci(agreement.get('trace_relative_error'))}."
+            )
+        mc = r.get("agreement_mc")
+        if mc:
+            notes.append(
+                "Each with its own Monte-Carlo labels (the timed runs): Spearman "
+                f"{mc['spearman_mean']:.3f} mean (min {mc['spearman_min']:.3f})."
+            )
+        checks = []
+        if r["kind"] == "3c3d":
+            bound = targets.get("ekfac_3c3d", 3.0)
+            checks.append(f"EK-FAC ≤ {bound:g}× the gradient: {_met(ekfac['ratio'] <= bound)}")
+        if scores and peer:
+            faster = scores["examples_per_second"] >= peer["examples_per_second"]
+            checks.append(f"throughput ≥ kronfluence's: {_met(faster)}")
+        if checks:
+            notes.append("Targets: " + "; ".join(checks) + ".")
+        for name, why in r.get("unavailable", {}).items():
+            notes.append(f"{name}: {why}.")
+        blocks.append("\n".join(lines) + "\n\n" + " ".join(notes))
+    text = "\n\n".join(blocks)
+    if document.get("failed_checks"):
+        text += f"\n\n**Failed checks**: {', '.join(document['failed_checks'])}."
+    return text
+
+
 def fuzz_table(document: dict[str, Any]) -> str:
     """The fuzzing run: models checked, time, failures, Hessian outcomes and the grammar used."""
     seconds = document.get("seconds_per_model", {})
@@ -376,6 +477,7 @@ def machine_text(document: dict[str, Any]) -> str:
             ("curvlinops", "curvlinops-for-pytorch"),
             ("Opacus", "opacus"),
             ("jax-privacy", "jax-privacy"),
+            ("kronfluence", "kronfluence"),
         )
         if env.get(key)
     )
@@ -412,6 +514,8 @@ def document_tables(document: dict[str, Any]) -> str:
         return transformer_table(document)
     if experiment == "private":
         return private_table(document)
+    if experiment == "influence":
+        return influence_table(document)
     if experiment == "fuzz":
         return fuzz_table(document)
     # spectrum.py and optimizers.py store their tables as printed (they have several shapes).

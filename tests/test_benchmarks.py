@@ -176,3 +176,18 @@ def test_private_smoke(tmp_path):
         for row in r["jax"].values():
             assert 0 < row["compile_seconds"] <= row["first_call_seconds"]
     assert "Per-example clipping" in render(tmp_path)
+
+
+def test_influence_smoke(tmp_path):
+    """The influence experiment at its smoke size on the LM (the cheaper of the two models),
+    without kronfluence: curvjax's EK-FAC timed, its scores checked by the script against
+    vmap(grad) inner products with the same blocks and against the compiled stream."""
+    out = tmp_path / "influence-smoke.json"
+    run_script("influence.py", "--smoke", "--no-torch", "--models", "lm", "--json", out)
+    document = json.loads(out.read_text())
+    assert document["experiment"] == "influence" and not document["failed_checks"]
+    (result,) = document["results"]
+    assert {"grad", "curvjax.ekfac"} == set(result["jax"])
+    assert result["scores"]["num_train"] == result["batch_size"] * result["train_batches"]
+    assert any("against vmap(grad)" in name for name in document["checks"])
+    assert "| curvjax |" in render(tmp_path)
