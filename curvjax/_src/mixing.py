@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -148,6 +149,10 @@ def _follow_call(ctx, eqn, var):
     return inner.outvars[eqn.outvars.index(var)]
 
 
+#: curvjax's own source directory (frames inside it are never the user's line)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def source_line(eqn: JaxprEqn) -> str:
     """The user's source line of an equation (``""`` when unknown)."""
     try:
@@ -155,11 +160,13 @@ def source_line(eqn: JaxprEqn) -> str:
     except Exception:  # pragma: no cover - best effort only
         return ""
     lines = [line for line in lines if line not in ("", "<unknown>", "unknown")]
-    # outermost first: the innermost frame outside installed packages (flax, equinox, curvjax
-    # itself when installed) is the user's code; JAX's own filter only skips packages that sit
-    # under the standard library's path, which a virtual environment's do not
+    # outermost first: the innermost frame outside installed packages (flax, equinox) and outside
+    # curvjax itself (installed or editable) is the user's code; JAX's own filter only skips
+    # packages that sit under the standard library's path, which a virtual environment's do not
     for line in reversed(lines):
-        if not re.search(r"[/\\](site|dist)-packages[/\\]", line):
+        if not re.search(r"[/\\](site|dist)-packages[/\\]", line) and not line.startswith(
+            _PACKAGE_DIR
+        ):
             return line
     return lines[-1] if lines else ""
 
