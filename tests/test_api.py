@@ -23,6 +23,8 @@ MODULES = [
     "curvjax._src.optim.precondition",
     "curvjax._src.optim.kfac",
     "curvjax._src.chain",
+    "curvjax._src.solve",
+    "curvjax._src.influence",
     "curvjax._src.diagnostics",
     "curvjax._src.mixing",
     "curvjax._src.optim.schedules",

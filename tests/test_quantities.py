@@ -35,7 +35,7 @@ def test_every_public_quantity_is_registered_and_reachable():
         )
         assert name in out
     assert set(quantities.curvature_names()) == {
-        "ggn_diag", "ggn_diag_mc", "hessian_diag", "kfac", "kflr", "kfra"
+        "ggn_diag", "ggn_diag_mc", "hessian_diag", "kfac", "kflr", "kfra", "ekfac"
     }  # fmt: skip
 
 

@@ -76,9 +76,11 @@ def extract(
       batch: ``(inputs, targets)`` or ``(inputs, targets, weights)`` (weights ``[N]`` or ``[N, *P]``).
       quantities: names from ``"per_example_grads"``, ``"batch_l2"``, ``"sum_grad_squared"``,
         ``"variance"``, ``"ggn_diag"``, ``"ggn_diag_mc"``, ``"hessian_diag"`` (exact),
-        ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"chain_factors"``, ``"clipped_grad"`` (needs the
-        option ``{"clipped_grad": {"clip_norm": c}}``; the clipped sum of the unscaled
-        per-example gradients, whatever ``reduction`` is).
+        ``"kfac"``, ``"kflr"``, ``"kfra"``, ``"ekfac"`` (eigenvalue-corrected K-FAC; option
+        ``basis``: ``"kfac"``, Monte-Carlo, the default, or ``"kflr"``, exact),
+        ``"chain_factors"``, ``"clipped_grad"`` (needs the option
+        ``{"clipped_grad": {"clip_norm": c}}``; the clipped sum of the unscaled per-example
+        gradients, whatever ``reduction`` is).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
       reduction: ``"mean"``, ``"sum"`` or ``"token_mean"``.
       key: PRNG key for the Monte-Carlo quantities.
