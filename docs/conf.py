@@ -65,8 +65,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
-    "sphinx-mathjax-offline",  # MathJax 3 shipped in the package, copied into _static/mathjax
+    "mathjax_local",  # MathJax 3 from the sphinx-mathjax-offline package, in _static/mathjax
     "myst_nb",
     "coverage_check",
     "benchmark_results",
