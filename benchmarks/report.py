@@ -453,6 +453,18 @@ def fuzz_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fuzz_total(documents) -> str:
+    """One line over several fuzzing runs (different hypothesis seeds draw different models)."""
+    documents = list(documents)
+    seeds = ", ".join(str(d.get("settings", {}).get("seed")) for d in documents)
+    checked = sum(d["models_checked"] for d in documents)
+    failures = sum(len(d.get("failures", [])) for d in documents)
+    return (
+        f"In all: **{checked:,} models** checked in {len(documents)} runs (hypothesis seeds "
+        f"{seeds}: each draws its own models), {failures} failures."
+    )
+
+
 def machine_text(document: dict[str, Any]) -> str:
     """The machine, the versions, the load and the date of one run, as a paragraph."""
     env = document.get("environment", {})
@@ -555,6 +567,8 @@ def render(results: Path, include_smoke: bool = False) -> str:
                 "written by hand are in the changelog.",
                 "",
             ]
+        if experiment == "fuzz" and len(documents) > 1:
+            lines += [fuzz_total(d for _, d in documents), ""]
         for path, document in documents:
             lines += [
                 f"### {path.stem.removeprefix(experiment + '-')}",
