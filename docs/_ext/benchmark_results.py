@@ -28,6 +28,7 @@ COLOURS = {
     "curvlinops": "#9467bd",
     "jax-privacy": "#2ca02c",
     "Opacus": "#ff7f0e",
+    "kronfluence": "#17becf",
 }
 
 
@@ -43,7 +44,8 @@ def ratio_panels(document: dict[str, Any]) -> list[tuple[str, dict[str, dict[str
     """The time ratios of one result file: a list of (panel title, {row: {library: ratio}}).
 
     Every ratio is a library's time over its own gradient on the same machine in the same run
-    (curvjax and ``vmap(grad)`` over ``jax.grad``, the torch peers over their own backward pass),
+    (curvjax and ``vmap(grad)`` over ``jax.grad``, the torch peers (BackPACK, curvlinops, Opacus,
+    kronfluence) over their own backward pass),
     as in the tables. Experiments without peers or with tables of another shape give no panel.
     """
     experiment = document.get("experiment")
@@ -102,6 +104,17 @@ def ratio_panels(document: dict[str, Any]) -> list[tuple[str, dict[str, dict[str
             for name, row in (result.get("torch") or {}).items():
                 if name != "backward":
                     rows[name] = {"Opacus": row.get("ratio")}
+            panels.append((result["model"], rows))
+    elif experiment == "influence":
+        for result in document["results"]:
+            peer = (result.get("torch") or {}).get("kronfluence ekfac") or {}
+            ekfac = result["jax"].get("curvjax.ekfac") or {}
+            rows = {
+                "EK-FAC factors": {
+                    "curvjax": ekfac.get("ratio"),
+                    "kronfluence": peer.get("ratio"),
+                }
+            }
             panels.append((result["model"], rows))
     return [
         (title, {row: {k: v for k, v in bars.items() if v} for row, bars in rows.items()})
