@@ -11,10 +11,11 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# The longest single tests (one hypothesis run, subprocesses with 8 devices or two processes, a
+# The longest single tests (the documentation build with its notebooks, one hypothesis run, subprocesses with 8 devices or two processes, a
 # 300-step training run) are scheduled first: pytest-xdist hands tests out in collection order, and
 # one of these starting last would run alone on one core while the other core idles.
 _LONG_FIRST = (
+    "test_docs.py::",
     "test_fuzz.py::test_every_quantity_matches_its_reference",
     "test_sharding_params.py::",
     "test_optim_float32.py::test_kfac_digits_300_steps_float32",
