@@ -541,3 +541,25 @@ def test_preconditioner_and_kfac_optimizer_with_ekfac_equal_dense_steps():
     assert int(state.count) == 2
     updates = optax.apply_updates(params, d_kfac)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize(
+    "t, i, o, m",
+    [
+        (1, 5, 3, 2),
+        (2, 6, 2, 3),
+        (9, 4, 3, 1),
+    ],  # T = 1; rotate first (I O (I+O) ≥ T(I²/M+O²)); form first
+)
+def test_rotated_sum_sq_both_orders_equal_the_rotated_per_example_gradients(t, i, o, m):
+    rng = np.random.default_rng(0)
+    n, g = 3, 2
+    a, b = rng.normal(size=(n, g, t, i)), rng.normal(size=(n, m, g, t, o))
+    w = rng.normal(size=(n, m))  # signed column weights, as exact columns may carry
+    q_a = np.linalg.qr(rng.normal(size=(g, i, i)))[0]
+    q_b = np.linalg.qr(rng.normal(size=(g, o, o)))[0]
+    form = ekfac_lib.bilinear.Form(jnp.asarray(a), jnp.asarray(b), lambda x: x)
+    ours = ekfac_lib.rotated_sum_sq([form], jnp.asarray(q_a), jnp.asarray(q_b), jnp.asarray(w))
+    grads = np.einsum("ngti,nmgto->nmgio", a, b)  # per-example, per-vector gradients
+    rotated = np.einsum("gij,nmgio,gop->nmgjp", q_a, grads, q_b)
+    _close(ours, np.einsum("nm,nmgjp->gjp", w, rotated**2), what=f"T={t}")

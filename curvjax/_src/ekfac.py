@@ -91,10 +91,32 @@ def rotated_sum_sq(
 ) -> Float[Array, "G I O"]:
     """``Σ_{n,m} w_{n,m} (Q_Aᵀ G_{n,m} Q_B)²`` in the canonical ``[G, I, O]`` layout.
 
-    ``forms`` are the forms of one kernel's uses (summed into one per-example gradient).
+    ``forms`` are the forms of one kernel's uses (summed into one per-example gradient). Two
+    orders, the cheaper per example and vector is taken: rotate ``a`` and ``b`` first, then form
+    ``Σ_t ã_t b̃_tᵀ`` (``T I² / M + T O² + T I O`` multiply-adds; for ``T = 1`` the squares need
+    no outer product), or form ``G = Σ_t a_t b_tᵀ`` first, then rotate it, ``Q_Aᵀ G Q_B``
+    (``T I O + I O (I + O)``): cheaper for convolutions, whose ``T`` positions outnumber ``I``.
     """
-    joined = join_forms([rotate_form(a_vectors, b_vectors, f) for f in forms])
-    return bilinear.sum_sq(joined._replace(to_param=_canonical), weights)
+    joined = join_forms(forms)
+    n, g, t, i = joined.a.shape
+    m, o = joined.b.shape[1], joined.b.shape[-1]
+    if t == 1 or t * (i * i / m + o * o) <= i * o * (i + o):
+        rotated = join_forms([rotate_form(a_vectors, b_vectors, f) for f in forms])
+        return bilinear.sum_sq(rotated._replace(to_param=_canonical), weights)
+    if weights is None:
+        weights = jnp.ones((n, m), joined.b.dtype)
+    q_a = a_vectors.astype(joined.a.dtype)
+    q_b = b_vectors.astype(joined.b.dtype)
+
+    def direct(abw):
+        a, b, w = abw
+        grads = jnp.einsum("ngti,nmgto->nmgio", a, b)
+        rotated = jnp.einsum("gij,nmgio->nmgjo", q_a, grads)
+        rotated = jnp.einsum("nmgjo,gop->nmgjp", rotated, q_b)
+        return jnp.einsum("nm,nmgjp->gjp", w.astype(rotated.dtype), rotated**2)
+
+    chunk = chunking.chunk_size(n, m * g * i * o)
+    return chunking.chunked_sum(direct, (joined.a, joined.b, weights), chunk)
 
 
 def per_example_quadratic(
