@@ -162,6 +162,16 @@ def _cg_queries(
 ):
     """``(∇ℓ_q, (C + λ I)⁻¹ ∇ℓ_q, info)`` by conjugate gradients, all queries at once."""
     grads = query_gradients(apply_fn, params, queries, loss=loss)
+    pre, info = _cg_each(
+        apply_fn, params, curvature_batch, grads, damping, tol, name, loss, reduction, maxiter
+    )
+    return grads, pre, info
+
+
+def _cg_each(
+    apply_fn, params, curvature_batch, grads, damping, tol, name, loss, reduction, maxiter
+):
+    """``(C + λ I)⁻¹ g`` by conjugate gradients for every ``g`` of ``grads`` (leaves ``[K, ...]``)."""
 
     def one(g):
         return solve.cg_solve(
@@ -177,8 +187,7 @@ def _cg_queries(
             tol=tol,
         )
 
-    pre, info = jax.vmap(one)(grads)
-    return grads, pre, info
+    return jax.vmap(one)(grads)
 
 
 def _block_queries(apply_fn, params, queries, curvature, damping, *, loss, factored):
@@ -655,22 +664,9 @@ def _cg_self_influence(
     p = backprop.run(apply_fn, params, batch, loss=loss, reduction="sum")
     grads = leafwise.per_example_grads(p)  # list over float leaves, [N, *leaf]
     g_tree = p.model.unflatten_float(grads)
-
-    def one(g):
-        return solve.cg_solve(
-            apply_fn,
-            params,
-            curvature_batch,
-            g,
-            damping=damping,
-            curvature=curvature,
-            loss=loss,
-            reduction=reduction,
-            maxiter=maxiter,
-            tol=tol,
-        )
-
-    solved, info = jax.vmap(one)(g_tree)
+    solved, info = _cg_each(
+        apply_fn, params, curvature_batch, g_tree, damping, tol, curvature, loss, reduction, maxiter
+    )
     solved = _float_entries(p, solved)
     n = p.model.num_examples
     parts = [jnp.sum((g * s).reshape(n, -1), axis=1) for g, s in zip(grads, solved, strict=True)]
