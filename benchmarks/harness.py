@@ -354,6 +354,18 @@ def write_results(
     return path
 
 
+def finish(document: dict[str, Any], table: str, args, begin: float) -> int:
+    """The end of an experiment script: print its table and failed checks, write its JSON (always,
+    except a smoke run without ``--json``), return the exit status (1 when a check failed)."""
+    print(table)
+    if document["failed_checks"]:
+        print("FAILED checks:", {k: document["checks"][k] for k in document["failed_checks"]})
+    if args.json is not None or not args.smoke:
+        path = write_results(document, args.json)
+        print(f"wrote {path} ({time.perf_counter() - begin:.0f} s)")
+    return 1 if document["failed_checks"] else 0
+
+
 def _default(value):
     try:
         return float(value)

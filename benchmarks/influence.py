@@ -855,13 +855,7 @@ def main(argv=None) -> int:
     harness.fast_compile_for_smoke(args.smoke)
     begin = time.perf_counter()
     document = run(args)
-    print(report.influence_table(document))
-    if document["failed_checks"]:
-        print("FAILED checks:", {k: document["checks"][k] for k in document["failed_checks"]})
-    if args.json is not None or not args.smoke:
-        path = harness.write_results(document, args.json)
-        print(f"wrote {path} ({time.perf_counter() - begin:.0f} s)")
-    return 1 if document["failed_checks"] else 0
+    return harness.finish(document, report.influence_table(document), args, begin)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -805,16 +805,3 @@ def top_k(scores: Float[Array, "Q M"], k: int) -> TopK:
     most_scores, most = jax.lax.top_k(scores, int(k))
     neg_scores, least = jax.lax.top_k(-scores, int(k))
     return TopK(most, most_scores, least, -neg_scores)
-
-
-__all__: list[Any] = [
-    "PreconditionedQueries",
-    "TopK",
-    "batch_scores",
-    "batch_self_influence",
-    "precondition",
-    "query_gradients",
-    "scores",
-    "self_influence",
-    "top_k",
-]
