@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference
 from jax.experimental import checkify
 
 import curvjax
 from curvjax import spectral
-from tests import reference
 
 N, D, H, C = 4, 3, 5, 4
 KEY = jax.random.key(0)
