@@ -563,3 +563,26 @@ def test_rotated_sum_sq_both_orders_equal_the_rotated_per_example_gradients(t, i
     grads = np.einsum("ngti,nmgto->nmgio", a, b)  # per-example, per-vector gradients
     rotated = np.einsum("gij,nmgio,gop->nmgjp", q_a, grads, q_b)
     _close(ours, np.einsum("nm,nmgjp->gjp", w, rotated**2), what=f"T={t}")
+
+
+@pytest.mark.parametrize(
+    "g, r, d, repeated",
+    [(1, 3, 10, False), (2, 4, 9, True), (1, 12, 10, False), (2, 5, 6, True)],
+)
+def test_eigh_of_rows_is_an_eigendecomposition_of_the_factor(g, r, d, repeated):
+    """``A = rowsᵀ rows / c``: few rows (``R ≤ D/2``) take the SVD of the rows completed by a QR,
+    many an eigendecomposition of ``A``; either way an orthonormal basis that diagonalises ``A``
+    with its eigenvalues (numpy's ``eigvalsh`` as the reference), also for rank-deficient rows
+    (a repeated row)."""
+    rows = np.random.default_rng(r + d).normal(size=(g, r, d))
+    if repeated:
+        rows[:, -1] = rows[:, 0]
+    denominator = 7.0
+    factor = np.einsum("grd,gre->gde", rows, rows) / denominator
+    values, vectors = kronecker.eigh_of_rows(jnp.asarray(rows), denominator, jnp.asarray(factor))
+    values, vectors = np.asarray(values), np.asarray(vectors)
+    assert vectors.shape == (g, d, d) and values.shape == (g, d)
+    for k in range(g):
+        _close(vectors[k].T @ vectors[k], np.eye(d), what="orthonormal")
+        _close(vectors[k].T @ factor[k] @ vectors[k], np.diag(values[k]), what="diagonalised")
+        _close(np.sort(values[k]), np.linalg.eigvalsh(factor[k]), what="eigenvalues")

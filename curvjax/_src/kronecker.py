@@ -93,16 +93,57 @@ def _gram_of_rows(rows):
     return jax.lax.dot_general(rows, rows, (((1,), (1,)), ((0,), (0,))))
 
 
-def _input_factor(forms, n: int, approximation: str):
-    """``A`` ``[G, I, I]`` from the forms of a kernel's uses (one form per use)."""
+def _input_rows(forms, n: int, approximation: str):
+    """``(rows [G, R, I], denominator)`` with ``A = rowsᵀ rows / denominator`` per group."""
     positions = sum(form.a.shape[2] for form in forms)
     if approximation == "reduce":
         mean = sum(jnp.sum(form.a, axis=2) for form in forms) / positions  # [N, G, I]
-        return _gram_of_rows(jnp.moveaxis(mean, 1, 0)) / n
+        return jnp.moveaxis(mean, 1, 0), n
     _, g, _, i = forms[0].a.shape
     rows = [jnp.moveaxis(f.a, 1, 0).reshape(g, -1, i) for f in forms]
     rows = rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
-    return _gram_of_rows(rows) / (n * positions)
+    return rows, n * positions
+
+
+def _input_factor(forms, n: int, approximation: str):
+    """``A`` ``[G, I, I]`` from the forms of a kernel's uses (one form per use)."""
+    rows, denominator = _input_rows(forms, n, approximation)
+    return _gram_of_rows(rows) / denominator
+
+
+#: The eigenbasis of a factor is taken from the SVD of its rows when they number at most this
+#: fraction of its dimension (see :func:`eigh_of_rows`).
+FEW_ROWS = 0.5
+
+
+def eigh_of_rows(rows, denominator, factor):
+    """Eigenvalues ``[G, D]`` and eigenvectors ``[G, D, D]`` (columns) of ``factor`` =
+    ``rowsᵀ rows / denominator`` (per group ``g``; not sorted).
+
+    With ``R ≤ FEW_ROWS · D`` rows (a dense layer's ``A`` from a batch smaller than its width) the
+    factor has rank at most ``R``: its range is spanned by the right singular vectors ``V`` of the
+    rows (an SVD costing ``O(R² D)``, more accurate than an eigendecomposition of the product), with
+    eigenvalues ``σ² / denominator``, and a Householder QR of ``V`` completes them to an orthonormal
+    basis whose last ``D - R`` columns span the null space (eigenvalue 0, which any orthonormal
+    basis of it diagonalises). ``O(R D²)`` instead of an ``O(D³)`` eigendecomposition of ``factor``,
+    which is used otherwise.
+    """
+    g, r, d = rows.shape
+    if r > FEW_ROWS * d:
+        return jnp.linalg.eigh(factor)
+    _, sigma, vt = jnp.linalg.svd(rows, full_matrices=False)
+    right = jnp.swapaxes(vt, 1, 2)  # [G, D, R]
+    complete, _ = jnp.linalg.qr(right, mode="complete")  # [G, D, D]
+    vectors = jnp.concatenate([right, complete[:, :, r:]], axis=2)
+    values = jnp.concatenate([sigma**2 / denominator, jnp.zeros((g, d - r), sigma.dtype)], axis=1)
+    return values, vectors
+
+
+def input_eigh(p: backprop.Pass, uses, approximation: str, factor):
+    """:func:`eigh_of_rows` of the input factor ``factor`` (``A``) of a kernel's ``uses``."""
+    forms = _forms(p, uses, p.columns_of_gradient())
+    rows, denominator = _input_rows(forms, p.model.num_examples, approximation)
+    return eigh_of_rows(rows, denominator, factor)
 
 
 def _output_factor(forms, approximation: str):
