@@ -23,7 +23,9 @@ example with weight 0 scores 0.
 eigenbases), ``"ggn"`` or ``"hessian"`` (the exact curvature of the curvature batch, solved by
 conjugate gradients), or any params-shaped tree of curvature blocks you computed.
 
-The query gradients are preconditioned once (:func:`precondition`). Each training batch then
+The query gradients are preconditioned once (:func:`precondition`; a dense kernel's block solved
+in a Kronecker eigenbasis ``Q_A ⊗ Q_B`` rotates the query's taps, ``Σ_t (Q_Aᵀ a_t)(Q_Bᵀ b_t)ᵀ``,
+instead of its ``I × O`` gradient, which halves the cost of preconditioning). Each training batch then
 costs one forward and one backward pass and, per parameter tap, one forward-mode product: for a
 tap with input ``a_m`` and output cotangent ``b_m``, ``⟨p_q, ∇ℓ_m⟩`` is the tap's output tangent
 in the direction ``p_q`` contracted with ``b_m`` (for a dense layer ``Σ_t a_{m,t}ᵀ P_q b_{m,t}``),
@@ -50,7 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from curvjax._src import backprop, blocks, chunking, leafwise, rules, second_order, solve
+from curvjax._src import (
+    backprop,
+    blocks,
+    chunking,
+    ekfac,
+    kronecker,
+    leafwise,
+    rules,
+    second_order,
+    solve,
+)
 from curvjax._src.first_order import per_example_grads
 from curvjax._src.typing import ApplyFn, Batch, LossLike
 
@@ -191,13 +203,71 @@ def _cg_each(
 
 
 def _block_queries(apply_fn, params, queries, curvature, damping, *, loss, factored):
-    """``(∇ℓ_q, (C + λ I)⁻¹ ∇ℓ_q)`` for every query (the blocks' factorisations shared)."""
+    """``(∇ℓ_q, (C + λ I)⁻¹ ∇ℓ_q)`` for every query (the blocks' factorisations shared).
+
+    Kernels whose block is solved in a Kronecker eigenbasis take the rotated query gradients from
+    the taps (:func:`_eigenbasis_solves`); the dense solves of those leaves are then unused (and
+    left out by XLA).
+    """
     grads = query_gradients(apply_fn, params, queries, loss=loss)
 
     def one(g):
         return solve.inverse_curvature_product(curvature, g, damping=damping, factored=factored)
 
-    return grads, jax.vmap(one)(grads)
+    pre = jax.vmap(one)(grads)
+    p = backprop.run(apply_fn, params, queries, loss=loss, reduction="sum")
+    solved = _eigenbasis_solves(p, _float_entries(p, curvature), damping, factored)
+    if solved:
+        flat = p.model.param_tree.flatten_up_to(pre)
+        for k, value in solved.items():
+            flat[p.model.float_index[k]] = value
+        pre = p.model.param_tree.unflatten(flat)
+    return grads, pre
+
+
+def _eigenbasis_solves(p: backprop.Pass, curvature: list, damping, factored: bool) -> dict:
+    """``(C + λ I)⁻¹ ∇ℓ_q`` at the kernels whose block is solved in an eigenbasis ``Q_A ⊗ Q_B``.
+
+    For the exact damping (and EKFAC blocks) ``(C + λ I)⁻¹ g = Q_A ((Q_Aᵀ G Q_B) ⊘ (Λ + λ)) Q_Bᵀ``
+    with ``Λ`` the block's eigenvalues. The rotation ``Q_Aᵀ G_q Q_B`` of a query gradient costs
+    ``I O (I + O)``; from the query's taps, ``Σ_t (Q_Aᵀ a_{q,t}) (Q_Bᵀ b_{q,t})ᵀ``, it costs
+    ``T (I² + O² + I O)``, taken where that is less (``T`` small against ``O`` and ``I``: dense
+    layers). Only the rotation back is then paid in full.
+
+    Returns:
+      ``{float leaf index: [Q, *leaf.shape]}`` for the kernels done this way (the others are left
+      to :func:`curvjax.inverse_curvature_product`).
+    """
+    cols = p.columns_of_gradient()
+    solved = {}
+    for k, uses in kronecker.kernel_uses(p).items():
+        entry = curvature[k]
+        eigen = isinstance(entry, blocks.EigenKroneckerBlock)
+        if not (eigen or isinstance(entry, blocks.KroneckerBlock | blocks.KroneckerEigh)):
+            continue
+        if factored and not eigen:
+            continue  # factored Tikhonov damping of a Kronecker block: Cholesky solves
+        forms = kronecker.forms_of(p, uses, cols)
+        joined = ekfac.join_forms(forms)
+        _, g, t, i = joined.a.shape
+        o = joined.b.shape[-1]
+        if (g, i, o) != tuple(entry.canonical_shape):
+            continue
+        if not np.array_equal(uses[0].index(p), entry.index):
+            continue
+        if t * (i * i + o * o + i * o) >= i * o * (i + o):
+            continue
+        basis = entry.eigh()
+        scale = basis.damped_scaling(damping, factored=factored)
+        rotated = [ekfac.rotate_form(basis.a_vectors, basis.b_vectors, f) for f in forms]
+        rot = ekfac.join_forms(rotated)
+        per_query = jnp.einsum("qgti,qgto->qgio", rot.a, rot.b[:, 0])
+        a_vectors = basis.a_vectors.astype(per_query.dtype)
+        b_vectors = basis.b_vectors.astype(per_query.dtype)
+        back = jnp.einsum("gij,qgjk,glk->qgil", a_vectors, per_query / scale[None], b_vectors)
+        leaf_shape = p.model.float_leaves(p.params)[k].shape
+        solved[k] = jax.vmap(functools.partial(entry.from_canonical, shape=leaf_shape))(back)
+    return solved
 
 
 def precondition(
