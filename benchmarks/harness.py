@@ -6,6 +6,7 @@
   and the time of each function's first call in the round-robin.
 - :func:`environment`: versions, CPU model, cores, load average, accelerator.
 - :func:`xla_costs`: XLA's flop count and temporary memory of a compiled function.
+- :func:`pin_lapack_threads`: the threads of the OpenBLAS that runs JAX's CPU LAPACK calls.
 - :func:`write_results`: one JSON file per experiment and machine under ``benchmarks/results/``;
   the file it replaces moves to ``benchmarks/results/history/`` (``report.py`` lists it in the
   changelog of ``RESULTS.md``).
@@ -15,6 +16,7 @@ This module imports no other benchmark script.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -256,6 +258,57 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+@dataclass
+class LapackThreads:
+    """What :func:`pin_lapack_threads` did: ``info`` for the JSON, ``unpinned()`` a context in
+    which the libraries have their original thread counts again."""
+
+    info: dict[str, Any]
+    unpinned: Callable[[], Any]
+
+
+def pin_lapack_threads(threads: int) -> LapackThreads:
+    """Limit SciPy's OpenBLAS, which runs JAX's CPU LAPACK calls (``jnp.linalg.eigh``, ...), to
+    ``threads`` (``0``: leave it).
+
+    Its threads compete with XLA's for the same cores: on this 2-core CPU, 3c3d's EK-FAC takes 2.3
+    gradients with one LAPACK thread and 3.3 with two (the library's default, the core count).
+    Needs ``threadpoolctl``; NumPy's own OpenBLAS and torch's libraries are left alone.
+    """
+    try:
+        import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS)
+        from threadpoolctl import ThreadpoolController
+    except ImportError as error:
+        return LapackThreads({"pinned": None, "why": str(error)}, contextlib.nullcontext)
+    libs = [
+        lib
+        for lib in ThreadpoolController().lib_controllers
+        if lib.internal_api == "openblas" and "scipy" in Path(lib.filepath).parent.name
+    ]
+    original = [lib.num_threads for lib in libs]
+    info = {
+        "pinned": threads or None,
+        "default_threads": original,
+        "libraries": [Path(lib.filepath).name for lib in libs],
+    }
+    if not threads or not libs:
+        return LapackThreads(info, contextlib.nullcontext)
+    for lib in libs:
+        lib.set_num_threads(threads)
+
+    @contextlib.contextmanager
+    def unpinned():
+        for lib, count in zip(libs, original, strict=True):
+            lib.set_num_threads(count)
+        try:
+            yield
+        finally:
+            for lib in libs:
+                lib.set_num_threads(threads)
+
+    return LapackThreads(info, unpinned)
+
+
 def environment(packages: tuple[str, ...] = ()) -> dict[str, Any]:
     """Versions, CPU model, cores, load average at the start, the accelerator and the date.
 
@@ -284,13 +337,16 @@ def environment(packages: tuple[str, ...] = ()) -> dict[str, Any]:
     names = ("jax", "jaxlib", "flax", "optax", "numpy", "curvjax", "torch")
     for name in (*names, "backpack-for-pytorch", *packages):
         info[name] = _version(name)
-    if info["curvjax"] is None:  # run from a checkout that is not installed
-        try:
-            import curvjax
+    try:
+        import curvjax
 
+        if info["curvjax"] is None:  # run from a checkout that is not installed
             info["curvjax"] = getattr(curvjax, "__version__", "checkout")
-        except ImportError:
-            pass
+        # a stale non-editable install would be timed instead of this checkout: say which ran
+        source = Path(curvjax.__file__).resolve().parent.parent
+        info["curvjax_source"] = "this checkout" if source == HERE.parent else str(source)
+    except ImportError:
+        pass
     if info["jax"] is None:
         info["jax"] = jax.__version__
     try:

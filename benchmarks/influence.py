@@ -58,6 +58,12 @@ Scoring is timed two ways for curvjax: ``influence.precondition`` and ``influenc
 compiled once, the training batches streamed through the second (the steady state, used for the
 target), and one whole ``influence.scores`` call (it compiles its batch step on every call).
 
+**LAPACK threads.** JAX runs ``jnp.linalg.eigh`` and the other CPU LAPACK calls in SciPy's
+OpenBLAS, whose threads compete with XLA's for the same cores. The script pins them to one
+(``--lapack-threads``, through ``threadpoolctl``; NumPy's and torch's libraries are left alone), as
+curvjax's documentation recommends on CPU, and times ``curvjax.ekfac`` again with OpenBLAS at its
+own thread count, round-robin with the others (the row "LAPACK threads unpinned").
+
 Targets (of the benchmark, not tests): EK-FAC factors at most 3 gradients on 3c3d; curvjax's
 scoring throughput at least kronfluence's, in the same run.
 
@@ -97,6 +103,9 @@ import curvjax  # noqa: E402
 MODEL_NAMES = ("3c3d", "lm")
 #: Queries scored against every training example.
 NUM_QUERIES = 16
+#: The timing of ``curvjax.ekfac`` with SciPy's OpenBLAS (JAX's CPU LAPACK) at its own threads.
+UNPINNED = "curvjax.ekfac, LAPACK threads unpinned"
+
 #: Targets: EK-FAC factors over the gradient on 3c3d; throughput over kronfluence's.
 TARGETS = {"ekfac_3c3d": 3.0, "throughput_over_kronfluence": 1.0}
 #: Damping: this fraction of the mean corrected eigenvalue over the kernels (curvjax's ``s``).
@@ -334,6 +343,13 @@ def run_jax(problem: dict, args, checks: dict) -> dict:
         name: (lambda c=c: jax.block_until_ready(c.fn(params, batch)))
         for name, c in compiled.items()
     }
+    if getattr(args, "unpinned", None) is not None:  # the same call with LAPACK's own threads
+
+        def unpinned(c=compiled["curvjax.ekfac"]):
+            with args.unpinned():
+                return jax.block_until_ready(c.fn(params, batch))
+
+        calls[UNPINNED] = unpinned
     timing = harness.time_round_robin(calls, args.repeats, args.warmup)
     rows = {}
     grad_costs = compiled["grad"].costs
@@ -347,6 +363,12 @@ def run_jax(problem: dict, args, checks: dict) -> dict:
             "temp_ratio": report._ratio(c.costs.get("temp_bytes"), grad_costs.get("temp_bytes")),
             "flops_ratio": report._ratio(c.costs.get("flops"), grad_costs.get("flops")),
             **c.costs,
+        }
+    if UNPINNED in calls:
+        rows[UNPINNED] = {
+            "seconds": timing.medians[UNPINNED],
+            "ratio": timing.medians[UNPINNED] / timing.medians["grad"],
+            "fastest_ratio": min(timing.samples[UNPINNED]) / min(timing.samples["grad"]),
         }
     result = {
         "jax": rows,
@@ -771,6 +793,9 @@ def aligned_agreement(problem: dict, damping: float, checks: dict) -> dict:
 
 def run(args) -> dict:
     env = harness.environment(("kronfluence",))
+    lapack = harness.pin_lapack_threads(args.lapack_threads)
+    env["lapack_threads"] = lapack.info
+    args.unpinned = lapack.unpinned if lapack.info.get("pinned") else None
     checks: dict[str, float] = {}
     results = []
     peer_ok = not args.no_torch and kronfluence_importable()
@@ -815,6 +840,7 @@ def run(args) -> dict:
             "warmup": args.warmup,
             "smoke": args.smoke,
             "threads": args.threads or harness.usable_cores(),
+            "lapack_threads": args.lapack_threads,
             "queries": args.queries,
             "damping": f"{DAMPING_FRACTION} x mean corrected eigenvalue over the kernels (curvjax)",
             "kronfluence": "FactorArguments(strategy='ekfac') defaults; ScoreArguments("
@@ -839,6 +865,12 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=NUM_QUERIES, help="query examples")
     parser.add_argument("--no-torch", action="store_true", help="skip the kronfluence comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores)")
+    parser.add_argument(
+        "--lapack-threads",
+        type=int,
+        default=1,
+        help="threads of SciPy's OpenBLAS, JAX's CPU LAPACK (default 1; 0: its own default)",
+    )
     parser.add_argument("--models", default=",".join(MODEL_NAMES), help="3c3d, lm or both")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the JSON here")
     args = parser.parse_args(argv)
