@@ -250,6 +250,11 @@ def test_language_model_with_padding_mask():
     got = influence.scores(apply_fn, params, pre, [train])
     expected = dense_scores(g_m[2:], g_m, dense, LAMBDA)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+    # self-influence of masked sequences: the eigenbasis route for the kernels, the diagonal and
+    # full blocks of the embedding, biases and scales, against the dense formula
+    self_inf = influence.self_influence(apply_fn, params, [train], damping=LAMBDA, curvature=tree)
+    expected_self = np.diag(dense_scores(g_m, g_m, dense, LAMBDA))
+    np.testing.assert_allclose(self_inf, expected_self, rtol=RTOL, atol=RTOL * expected_self.max())
 
 
 # --------------------------------------------------------------------------------------------

@@ -299,7 +299,10 @@ def precondition(
       curvature: ``"ekfac"`` (exact output factors without ``key``, Monte-Carlo ones with it),
         ``"kfac"`` (needs ``key``), ``"kflr"``, ``"ggn"`` / ``"hessian"`` (exact, conjugate
         gradients on :func:`curvjax.ggn_vp` / :func:`curvjax.hvp`), or a params-shaped tree of
-        curvature blocks (or diagonals) you computed, for any curvjax curvature.
+        curvature blocks (or diagonals) you computed, for any curvjax curvature. The exact
+        output factors backpropagate one vector per class (for a language model, per vocabulary
+        entry and position): with many classes pass ``key`` (one sampled vector; on the
+        notebook's 97-token LM, 4 s against 211 s).
       curvature_batch: the training examples ``C`` is estimated on (needed for a named
         curvature).
       loss: ``"cross_entropy"``, ``"mse"`` or a :class:`curvjax.losses.Loss`.
