@@ -470,8 +470,12 @@ class KroneckerEigh(CurvatureBlock):
 
     def _in_basis(self, v, scale):
         rotated = _rotate(self.a_vectors, self.b_vectors, self.to_canonical(v))
-        out = _unrotate(self.a_vectors, self.b_vectors, rotated * scale)
-        return self.from_canonical(out, jnp.shape(v))
+        return self._from_basis(rotated * scale, jnp.shape(v))
+
+    def _from_basis(self, rotated, shape) -> jax.Array:
+        """``Q_A X Q_Bᵀ`` for ``X`` ``[G, I, O]`` in the eigenbasis, in the leaf's order."""
+        out = _unrotate(self.a_vectors, self.b_vectors, rotated)
+        return self.from_canonical(out, shape)
 
     def matvec(self, v):
         return self._in_basis(v, self.a_values[:, :, None] * self.b_values[:, None, :])
@@ -585,6 +589,7 @@ class EigenKroneckerBlock(CurvatureBlock):
     to_canonical = KroneckerBlock.to_canonical
     from_canonical = KroneckerBlock.from_canonical
     _in_basis = KroneckerEigh._in_basis
+    _from_basis = KroneckerEigh._from_basis
     prior_root = KroneckerEigh.prior_root
 
     @property

@@ -44,13 +44,11 @@ OpenBLAS limited to one thread (``OPENBLAS_NUM_THREADS=1`` before starting Pytho
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from curvjax._src import backprop, chunking, kronecker
-from curvjax._src.blocks import EigenKroneckerBlock
+from curvjax._src.blocks import EigenKroneckerBlock, KroneckerEigh
 from curvjax._src.rules import bilinear
 
 #: The factors whose eigenbasis EKFAC corrects, and the vector set each backpropagates.
@@ -95,9 +93,15 @@ def join_forms(forms: list) -> bilinear.Form:
     return bilinear.Form(a, b, forms[0].to_param)
 
 
-class _Basis(NamedTuple):
-    a_vectors: Float[Array, "G I I"]
-    b_vectors: Float[Array, "G O O"]
+def rotate_forms(a_vectors, b_vectors, forms: list) -> bilinear.Form:
+    """The uses' forms rotated by :func:`rotate_form` and joined (:func:`join_forms`)."""
+    return join_forms([rotate_form(a_vectors, b_vectors, f) for f in forms])
+
+
+def taps_first(t: int, i: int, o: int, m: int = 1) -> bool:
+    """Whether rotating the taps first (``T I² / M + T O²`` per example and vector) costs no more
+    than rotating the per-example gradient (``I O (I + O)``)."""
+    return t == 1 or t * (i * i / m + o * o) <= i * o * (i + o)
 
 
 def _canonical(x):
@@ -118,8 +122,8 @@ def rotated_sum_sq(
     joined = join_forms(forms)
     n, g, t, i = joined.a.shape
     m, o = joined.b.shape[1], joined.b.shape[-1]
-    if t == 1 or t * (i * i / m + o * o) <= i * o * (i + o):
-        rotated = join_forms([rotate_form(a_vectors, b_vectors, f) for f in forms])
+    if taps_first(t, i, o, m):
+        rotated = rotate_forms(a_vectors, b_vectors, forms)
         return bilinear.sum_sq(rotated._replace(to_param=_canonical), weights)
     if weights is None:
         weights = jnp.ones((n, m), joined.b.dtype)
@@ -154,7 +158,7 @@ def per_example_quadratic(
     Returns:
       ``[N, M]``.
     """
-    rot = join_forms([rotate_form(block.a_vectors, block.b_vectors, f) for f in forms])
+    rot = rotate_forms(block.a_vectors, block.b_vectors, forms)
     n, g, t, i = rot.a.shape
     m, o = rot.b.shape[1], rot.b.shape[-1]
     if t == 1:
@@ -193,9 +197,9 @@ def ekfac_of(
     uses = kronecker.kernel_uses(p)
     bases = {}
     for k, kernel_uses in uses.items():
-        _, a_vectors = kronecker.input_eigh(p, kernel_uses, approximation, blocks[k].a)
-        _, b_vectors = jnp.linalg.eigh(blocks[k].b)
-        bases[k] = _Basis(a_vectors, b_vectors)
+        a_values, a_vectors = kronecker.input_eigh(p, kernel_uses, approximation, blocks[k].a)
+        b_values, b_vectors = jnp.linalg.eigh(blocks[k].b)
+        bases[k] = KroneckerEigh(a_values, a_vectors, b_values, b_vectors, blocks[k].index)
 
     def scalings(cols, weights):
         return {

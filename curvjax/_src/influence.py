@@ -59,11 +59,11 @@ from curvjax._src import (
     ekfac,
     kronecker,
     leafwise,
+    quantities,
     rules,
     second_order,
     solve,
 )
-from curvjax._src.first_order import per_example_grads
 from curvjax._src.typing import ApplyFn, Batch, LossLike
 
 #: the curvatures :func:`precondition` fits by name
@@ -136,7 +136,15 @@ def query_gradients(
     References:
       Koh & Liang, "Understanding black-box predictions via influence functions", ICML 2017.
     """
-    return per_example_grads(apply_fn, params, queries, loss=loss, reduction="sum")
+    return _query_pass(apply_fn, params, queries, loss)[1]
+
+
+def _query_pass(apply_fn, params, queries, loss):
+    """``(pass, ∇ℓ_q)``: the queries' pass (summed loss) and their gradients from it."""
+    p, values = quantities.compute(
+        apply_fn, params, queries, ("per_example_grads",), loss=loss, reduction="sum"
+    )
+    return p, quantities.result(p, "per_example_grads", values["per_example_grads"])
 
 
 def _fit(apply_fn, params, curvature, curvature_batch, *, loss, reduction, key):
@@ -209,13 +217,12 @@ def _block_queries(apply_fn, params, queries, curvature, damping, *, loss, facto
     the taps (:func:`_eigenbasis_solves`); the dense solves of those leaves are then unused (and
     left out by XLA).
     """
-    grads = query_gradients(apply_fn, params, queries, loss=loss)
+    p, grads = _query_pass(apply_fn, params, queries, loss)
 
     def one(g):
         return solve.inverse_curvature_product(curvature, g, damping=damping, factored=factored)
 
     pre = jax.vmap(one)(grads)
-    p = backprop.run(apply_fn, params, queries, loss=loss, reduction="sum")
     solved = _eigenbasis_solves(p, _float_entries(p, curvature), damping, factored)
     if solved:
         flat = p.model.param_tree.flatten_up_to(pre)
@@ -255,18 +262,14 @@ def _eigenbasis_solves(p: backprop.Pass, curvature: list, damping, factored: boo
             continue
         if not np.array_equal(uses[0].index(p), entry.index):
             continue
-        if t * (i * i + o * o + i * o) >= i * o * (i + o):
+        if not ekfac.taps_first(t, i, o):
             continue
         basis = entry.eigh()
         scale = basis.damped_scaling(damping, factored=factored)
-        rotated = [ekfac.rotate_form(basis.a_vectors, basis.b_vectors, f) for f in forms]
-        rot = ekfac.join_forms(rotated)
-        per_query = jnp.einsum("qgti,qgto->qgio", rot.a, rot.b[:, 0])
-        a_vectors = basis.a_vectors.astype(per_query.dtype)
-        b_vectors = basis.b_vectors.astype(per_query.dtype)
-        back = jnp.einsum("gij,qgjk,glk->qgil", a_vectors, per_query / scale[None], b_vectors)
+        rot = ekfac.rotate_forms(basis.a_vectors, basis.b_vectors, forms)
+        per_query = jnp.einsum("qgti,qgto->qgio", rot.a, rot.b[:, 0]) / scale[None]
         leaf_shape = p.model.float_leaves(p.params)[k].shape
-        solved[k] = jax.vmap(functools.partial(entry.from_canonical, shape=leaf_shape))(back)
+        solved[k] = jax.vmap(functools.partial(basis._from_basis, shape=leaf_shape))(per_query)
     return solved
 
 
